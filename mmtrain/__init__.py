@@ -1,0 +1,3 @@
+"""mmtrain: train multimodal engravings models on Accelerate and understand them as they train."""
+
+__version__ = "0.1.0"

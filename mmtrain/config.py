@@ -1,0 +1,333 @@
+"""Typed configuration: one dataclass per concern, defaults < YAML < command line.
+
+Every field carries its meaning in ``metadata["help"]`` so that ``mmtrain train --help`` and the
+README can list it. Values are validated in ``__post_init__`` and every error names the field as
+``section.field``, because that is what the user typed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mmtrain.errors import ConfigError
+
+
+def _f(default: Any, help: str) -> Any:
+    """A field with its meaning attached; immutable defaults only (lists use default_factory)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _require(cond: bool, section: str, name: str, why: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{section}.{name} {why} (got {value!r})")
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = _f(128, "Square image side in pixels; must be divisible by 2**image_encoder_layers.")
+    image_channels: int = _f(3, "1 (grayscale) or 3 (RGB); images are converted on load.")
+    latent_dim: int = _f(1024, "Size of the image latent vector.")
+    image_encoder_layers: int = _f(5, "Strided conv blocks in the encoder; each halves the image side.")
+    base_channels: int = _f(64, "Channels of the first encoder block; doubled per block up to max_channels.")
+    max_channels: int = _f(1024, "Cap on conv channels in encoder and decoder.")
+    embedding_dim: int = _f(512, "Width of the caption transformer and its token embeddings.")
+    transformer_layers: int = _f(4, "Causal transformer layers in the caption decoder.")
+    text_layers: int = _f(
+        2,
+        "How many of transformer_layers read the caption alone (they produce the text embedding "
+        "for alignment); the rest also attend to the latent prefix.",
+    )
+    attention_heads: int = _f(8, "Attention heads per transformer layer.")
+    prefix_tokens: int = _f(4, "Number of prefix tokens the latent is projected to for the caption decoder.")
+    max_caption_length: int = _f(
+        32, "Caption length in tokens, [BOS] and [EOS] included; longer captions are truncated.")
+    dropout: float = _f(0.1, "Dropout in the transformer layers.")
+    vocab_size: int = _f(0, "Vocabulary size; 0 means 'from the tokenizer built on the training captions'.")
+    image_loss_weight: float = _f(1.0, "Weight of loss_image (MSE reconstruction) in total_loss.")
+    caption_loss_weight: float = _f(1.0, "Weight of loss_caption (token cross-entropy) in total_loss.")
+    alignment_loss_weight: float = _f(0.5, "Weight of loss_alignment (symmetric InfoNCE) in total_loss.")
+    init_temperature: float = _f(0.07, "Initial temperature of the alignment softmax (learned).")
+
+    def __post_init__(self) -> None:
+        s = "model"
+        for name in ("image_size", "latent_dim", "image_encoder_layers", "base_channels", "max_channels",
+                     "embedding_dim", "transformer_layers", "attention_heads", "prefix_tokens"):
+            _require(getattr(self, name) > 0, s, name, "must be > 0", getattr(self, name))
+        _require(self.image_channels in (1, 3), s, "image_channels", "must be 1 or 3", self.image_channels)
+        _require(self.max_caption_length >= 3, s, "max_caption_length", "must be >= 3 ([BOS] word [EOS])",
+                 self.max_caption_length)
+        _require(1 <= self.text_layers < self.transformer_layers, s, "text_layers",
+                 f"must be in [1, transformer_layers-1] (transformer_layers={self.transformer_layers})",
+                 self.text_layers)
+        _require(self.embedding_dim % self.attention_heads == 0, s, "embedding_dim",
+                 f"must be divisible by attention_heads={self.attention_heads}", self.embedding_dim)
+        _require(0.0 <= self.dropout < 1.0, s, "dropout", "must be in [0, 1)", self.dropout)
+        _require(self.vocab_size >= 0, s, "vocab_size", "must be >= 0", self.vocab_size)
+        _require(self.init_temperature > 0, s, "init_temperature", "must be > 0", self.init_temperature)
+        for name in ("image_loss_weight", "caption_loss_weight", "alignment_loss_weight"):
+            _require(getattr(self, name) >= 0, s, name, "must be >= 0", getattr(self, name))
+        factor = 2**self.image_encoder_layers
+        _require(self.image_size % factor == 0, s, "image_size",
+                 f"must be divisible by 2**image_encoder_layers = {factor}; use e.g. "
+                 f"{max(factor, round(self.image_size / factor) * factor)} or fewer encoder layers",
+                 self.image_size)
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "imagefolder", "disk", "hub"] = _f(
+        "synthetic",
+        "synthetic: built-in engravings; imagefolder: a folder of images with metadata.jsonl/csv; "
+        "disk: a datasets.save_to_disk folder; hub: a Hugging Face Hub dataset name in data.path.",
+    )
+    path: str | None = _f(None, "Folder (imagefolder, disk) or hub dataset name (hub).")
+    image_column: str = _f("image", "Column holding the images.")
+    caption_column: str = _f("caption", "Column holding the captions.")
+    train_split: str = _f("train", "Split to train on.")
+    val_split: str | None = _f(
+        None, "Split to validate on; null picks 'validation', 'valid', 'val' or 'test' if present, "
+        "else val_fraction of the train split is held out.",
+    )
+    val_fraction: float = _f(0.1, "Share of the train split held out for validation when there is no val split.")
+    split_seed: int = _f(0, "Seed of the held-out split.")
+    synthetic_train_size: int = _f(4627, "Number of synthetic training engravings.")
+    synthetic_val_size: int = _f(514, "Number of synthetic validation engravings.")
+    synthetic_seed: int = _f(0, "Seed of the synthetic engravings; the same seed draws the same images.")
+    cache_dir: str | None = _f(
+        None, "Where the synthetic dataset is cached; null means $MMTRAIN_CACHE or ~/.cache/mmtrain.")
+    num_workers: int = _f(2, "DataLoader worker processes per rank (0 = load in the training process).")
+    min_word_frequency: int = _f(1, "Words seen fewer times in the training captions map to [UNK].")
+
+    def __post_init__(self) -> None:
+        s = "data"
+        if self.source in ("imagefolder", "disk", "hub"):
+            _require(bool(self.path), s, "path", f"is required when data.source is {self.source!r}", self.path)
+        if self.source in ("imagefolder", "disk") and self.path:
+            _require(Path(self.path).expanduser().is_dir(), s, "path",
+                     "must be an existing folder; check the path or set data.source", self.path)
+        _require(0.0 < self.val_fraction < 1.0, s, "val_fraction", "must be in (0, 1)", self.val_fraction)
+        _require(self.synthetic_train_size > 0, s, "synthetic_train_size", "must be > 0", self.synthetic_train_size)
+        _require(self.synthetic_val_size > 0, s, "synthetic_val_size", "must be > 0", self.synthetic_val_size)
+        _require(self.num_workers >= 0, s, "num_workers", "must be >= 0", self.num_workers)
+        _require(self.min_word_frequency >= 1, s, "min_word_frequency", "must be >= 1", self.min_word_frequency)
+
+    def resolved_cache_dir(self) -> Path:
+        base = self.cache_dir or os.environ.get("MMTRAIN_CACHE") or "~/.cache/mmtrain"
+        return Path(base).expanduser()
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-3, "Peak learning rate of AdamW.")
+    min_lr: float = _f(0.0, "Floor of the cosine schedule, reached exactly at the last optimizer step.")
+    warmup_steps: int = _f(0, "Optimizer steps of linear warmup from 0 to lr.")
+    weight_decay: float = _f(1e-4, "AdamW decoupled weight decay (not applied to biases, norms, embeddings).")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.999, "AdamW beta2.")
+    eps: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient L2 norm to this value; 0 disables clipping.")
+
+    def __post_init__(self) -> None:
+        s = "optim"
+        _require(self.lr > 0, s, "lr", "must be > 0", self.lr)
+        _require(0 <= self.min_lr <= self.lr, s, "min_lr", "must be in [0, optim.lr]", self.min_lr)
+        _require(self.warmup_steps >= 0, s, "warmup_steps", "must be >= 0", self.warmup_steps)
+        _require(self.weight_decay >= 0, s, "weight_decay", "must be >= 0", self.weight_decay)
+        _require(0 <= self.beta1 < 1, s, "beta1", "must be in [0, 1)", self.beta1)
+        _require(0 <= self.beta2 < 1, s, "beta2", "must be in [0, 1)", self.beta2)
+        _require(self.eps > 0, s, "eps", "must be > 0", self.eps)
+        _require(self.max_grad_norm >= 0, s, "max_grad_norm", "must be >= 0", self.max_grad_norm)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/mmtrain", "Run folder: config.yaml, metrics.jsonl, checkpoints/, model/, wandb/.")
+    epochs: int = _f(10, "Passes over the training set.")
+    max_steps: int = _f(0, "Stop after this many optimizer steps (0 = no cap); the schedule is sized to it.")
+    batch_size: int = _f(16, "Samples per device per micro-batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _f(
+        "no", "Autocast precision; fp16 on a CPU-only machine runs as bf16 with a warning.")
+    seed: int = _f(42, "Seed for model init, data order and dropout on every rank.")
+    eval_batch_size: int = _f(0, "Samples per device in evaluation; 0 means train.batch_size.")
+    cpu: bool = _f(False, "Train on CPU even if a GPU is present.")
+    overwrite: bool = _f(False, "Replace the outputs of an earlier run in output_dir instead of refusing to start.")
+    progress_bar: bool = _f(True, "Show a tqdm bar on the main process.")
+
+    def __post_init__(self) -> None:
+        s = "train"
+        _require(bool(self.output_dir), s, "output_dir", "must not be empty", self.output_dir)
+        _require(self.epochs > 0, s, "epochs", "must be > 0", self.epochs)
+        _require(self.max_steps >= 0, s, "max_steps", "must be >= 0", self.max_steps)
+        _require(self.batch_size > 0, s, "batch_size", "must be > 0", self.batch_size)
+        _require(self.gradient_accumulation_steps > 0, s, "gradient_accumulation_steps", "must be > 0",
+                 self.gradient_accumulation_steps)
+        _require(self.eval_batch_size >= 0, s, "eval_batch_size", "must be >= 0", self.eval_batch_size)
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = _f(
+        "auto", "auto: online when W&B credentials exist (WANDB_API_KEY or ~/.netrc), else offline.")
+    project: str = _f("multimodal-engravings", "W&B project.")
+    entity: str | None = _f(None, "W&B entity (team or user); null = your default.")
+    name: str | None = _f(None, "Run name; null lets W&B pick one.")
+    tags: list[str] = field(default_factory=list, metadata={"help": "Run tags (comma-separated on the command line)."})
+    log_frequency: int = _f(10, "Log the training window every this many optimizer steps.")
+    init_timeout: float = _f(30.0, "Seconds to wait for wandb.init before falling back to offline.")
+
+    def __post_init__(self) -> None:
+        _require(self.log_frequency > 0, "wandb", "log_frequency", "must be > 0", self.log_frequency)
+        _require(self.init_timeout > 0, "wandb", "init_timeout", "must be > 0", self.init_timeout)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: str | Path) -> None:
+        """Write the resolved config as YAML; ``--config`` on that file reproduces this run."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "wandb": WandbConfig}
+
+
+def iter_fields() -> typing.Iterator[tuple[str, dataclasses.Field, Any]]:
+    """Yield (``section.field``, the field, its resolved type) for every config field."""
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            yield f"{section}.{f.name}", f, hints[f.name]
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " or null"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to ``tp`` or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return coerce(key, value, inner)
+    if isinstance(value, str) and tp is not str and origin is not Literal:
+        with contextlib.suppress(yaml.YAMLError):
+            value = yaml.safe_load(value)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))} (got {value!r})")
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list (got {value!r})")
+        return [coerce(key, v, inner) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false (got {value!r})")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer (got {value!r})")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number (got {value!r})")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string (got {value!r})")
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a config file; a syntax error is reported with its line and column."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{p}:{where}: not valid YAML: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
+    return raw
+
+
+def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+                 source: str = "config") -> Config:
+    """Merge defaults < ``yaml_values`` (nested) < ``overrides`` (``{"section.field": value}``)."""
+    types_by_key = {key: tp for key, _, tp in iter_fields()}
+    flat: dict[str, Any] = {}
+    for section, values in (yaml_values or {}).items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section {section!r}; expected one of {', '.join(SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping of fields")
+        for name, value in values.items():
+            flat[f"{section}.{name}"] = value
+    flat.update(overrides or {})
+    per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, value in flat.items():
+        if key not in types_by_key:
+            raise ConfigError(f"{source}: unknown field {key!r}; run 'mmtrain train --help' for the list")
+        section, name = key.split(".", 1)
+        per_section[section][name] = coerce(key, value, types_by_key[key])
+    return Config(**{s: SECTIONS[s](**kw) for s, kw in per_section.items()})
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``."""
+    return build_config(read_yaml(path) if path else {}, overrides, source=str(path or "config"))
+
+
+def help_lines() -> list[tuple[str, str, str]]:
+    """(``--section.field``, type, 'meaning (default: x)') for every field, for help and docs."""
+    rows = []
+    for key, f, tp in iter_fields():
+        rows.append((f"--{key}", _type_name(tp), f"{f.metadata['help']} (default: {field_default(f)!r})"))
+    return rows

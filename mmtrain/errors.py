@@ -1,0 +1,17 @@
+"""User errors: problems with what the user gave us (config, data, folders), not bugs.
+
+The CLI prints them as one line naming the field or file and the fix, and exits 2, without a
+traceback. Anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Base class: caught by the CLI, printed, exit code 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+class DataError(UserError, ValueError):
+    """The user's data or folders cannot be used as they are."""

@@ -1,0 +1,231 @@
+"""The engravings model: image -> latent -> (reconstruction, caption), aligned with the caption.
+
+Single-device code. It knows nothing of Accelerate, ranks or logging: ``forward(batch)`` returns
+``(losses, outputs)`` and the trainer decides what to do with them.
+
+Architecture (CoCa-style split of the caption transformer):
+- ``image_encoder``: strided conv blocks -> a ``latent_dim`` vector.
+- ``image_decoder``: latent -> transposed conv blocks -> the image at input size, in [0, 1].
+- ``caption_decoder``: the first ``text_layers`` causal layers read the caption alone; their state
+  at [EOS] is the caption's text embedding. The remaining layers also attend to ``prefix_tokens``
+  projected from the latent and predict the next token through the tied token embedding.
+  Reading the caption alone first is what keeps the text embedding free of image information,
+  so the alignment loss is a real test of agreement rather than a copy.
+- ``alignment``: projects the text embedding into the latent space; a symmetric InfoNCE with a
+  learned temperature between latent and projected text embedding is ``loss_alignment``.
+"""
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import Tensor, nn
+
+from mmtrain.config import ModelConfig
+
+LOSS_NAMES = ("total_loss", "loss_image", "loss_caption", "loss_alignment")
+
+
+def _groups(channels: int) -> int:
+    return 8 if channels % 8 == 0 else 1
+
+
+def encoder_channels(cfg: ModelConfig) -> list[int]:
+    return [min(cfg.base_channels * 2**i, cfg.max_channels) for i in range(cfg.image_encoder_layers)]
+
+
+class DownBlock(nn.Module):
+    """Strided 4x4 conv (halves the side) followed by a residual 3x3 conv at the new resolution."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.GroupNorm(_groups(cout), cout),
+                                  nn.SiLU())
+        self.refine = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(_groups(cout), cout), nn.SiLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.down(x)
+        return x + self.refine(x)
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        chans = encoder_channels(cfg)
+        self.blocks = nn.Sequential(*(DownBlock(cin, cout) for cin, cout in
+                                      zip([cfg.image_channels, *chans[:-1]], chans, strict=True)))
+        side = cfg.image_size // 2**cfg.image_encoder_layers
+        self.to_latent = nn.Linear(chans[-1] * side * side, cfg.latent_dim)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.to_latent(self.blocks(images).flatten(1))
+
+
+class ImageDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        chans = encoder_channels(cfg)[::-1]
+        self.side = cfg.image_size // 2**cfg.image_encoder_layers
+        self.channels = chans[0]
+        self.from_latent = nn.Linear(cfg.latent_dim, chans[0] * self.side * self.side)
+        blocks = []
+        for cin, cout in itertools.pairwise(chans):
+            blocks += [nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1), nn.GroupNorm(_groups(cout), cout),
+                       nn.SiLU()]
+        blocks.append(nn.ConvTranspose2d(chans[-1], cfg.image_channels, 4, stride=2, padding=1))
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, latent: Tensor) -> Tensor:
+        x = self.from_latent(latent).view(-1, self.channels, self.side, self.side)
+        return torch.sigmoid(self.blocks(x))
+
+
+def _layer(cfg: ModelConfig) -> nn.TransformerEncoderLayer:
+    return nn.TransformerEncoderLayer(cfg.embedding_dim, cfg.attention_heads, 4 * cfg.embedding_dim, cfg.dropout,
+                                      activation="gelu", batch_first=True, norm_first=True)
+
+
+def _causal_mask(n: int, device: torch.device) -> Tensor:
+    return torch.triu(torch.full((n, n), float("-inf"), device=device), diagonal=1)
+
+
+class CaptionDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.embedding_dim
+        self.token_embedding = nn.Embedding(cfg.vocab_size, d)
+        self.position_embedding = nn.Parameter(torch.randn(cfg.max_caption_length, d) * 0.01)
+        self.text_layers = nn.ModuleList(_layer(cfg) for _ in range(cfg.text_layers))
+        self.prefix = nn.Linear(cfg.latent_dim, cfg.prefix_tokens * d)
+        self.prefix_position = nn.Parameter(torch.randn(cfg.prefix_tokens, d) * 0.01)
+        self.fusion_layers = nn.ModuleList(_layer(cfg) for _ in range(cfg.transformer_layers - cfg.text_layers))
+        self.final_norm = nn.LayerNorm(d)
+        self.prefix_tokens = cfg.prefix_tokens
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    def encode_text(self, input_ids: Tensor) -> Tensor:
+        """Causal layers over the caption alone: (B, T) ids -> (B, T, d) states."""
+        n = input_ids.shape[1]
+        x = self.token_embedding(input_ids) + self.position_embedding[:n]
+        mask = _causal_mask(n, x.device)
+        for layer in self.text_layers:
+            x = layer(x, src_mask=mask, is_causal=True)
+        return x
+
+    def decode(self, text_states: Tensor, latent: Tensor) -> Tensor:
+        """Latent-conditioned layers: text states (B, T, d) + latent -> next-token logits (B, T, V)."""
+        b, _n, d = text_states.shape
+        prefix = self.prefix(latent).view(b, self.prefix_tokens, d) + self.prefix_position
+        x = torch.cat([prefix.to(text_states.dtype), text_states], dim=1)
+        mask = _causal_mask(x.shape[1], x.device)
+        for layer in self.fusion_layers:
+            x = layer(x, src_mask=mask, is_causal=True)
+        h = self.final_norm(x[:, self.prefix_tokens:])
+        return F.linear(h, self.token_embedding.weight)  # tied input/output embedding
+
+
+class AlignmentHead(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.embedding_dim)
+        self.project = nn.Linear(cfg.embedding_dim, cfg.latent_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+
+    def forward(self, text_states: Tensor, attention_mask: Tensor) -> Tensor:
+        """Text embedding in latent space: the state at each caption's [EOS] (its last real token)."""
+        last = attention_mask.sum(dim=1).clamp_min(1) - 1
+        eos_state = text_states[torch.arange(text_states.shape[0], device=text_states.device), last]
+        return self.project(self.norm(eos_state))
+
+    def scale(self) -> Tensor:
+        # CLIP's clamp: a temperature below 1/100 makes the softmax a hard max and training unstable.
+        return self.logit_scale.clamp(max=math.log(100.0)).exp()
+
+
+def contrastive_logits(image_latent: Tensor, text_embedding: Tensor, scale: Tensor) -> Tensor:
+    """(B, B) cosine similarities of image i to caption j, times the learned scale."""
+    zi = F.normalize(image_latent.float(), dim=-1)
+    zt = F.normalize(text_embedding.float(), dim=-1)
+    return scale * zi @ zt.t()
+
+
+def per_sample_terms(images: Tensor, reconstruction: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                     logits: Tensor, similarity: Tensor) -> dict[str, Tensor]:
+    """Per-sample loss terms. Batch losses and exact dataset-level eval means are both built from these.
+
+    - ``image_se``: mean squared error over the sample's pixels.
+    - ``caption_ce_sum`` / ``caption_tokens``: summed next-token cross-entropy and the number of
+      predicted (non-pad) tokens, so a token-weighted mean can be formed over any set of samples.
+    - ``alignment``: the sample's share of the symmetric InfoNCE: (image->text CE + text->image CE) / 2.
+    """
+    image_se = (reconstruction.float() - images.float()).pow(2).flatten(1).mean(dim=1)
+    targets, target_mask = input_ids[:, 1:], attention_mask[:, 1:].float()
+    token_ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+    labels = torch.arange(similarity.shape[0], device=similarity.device)
+    alignment = (F.cross_entropy(similarity, labels, reduction="none")
+                 + F.cross_entropy(similarity.t(), labels, reduction="none")) / 2
+    return {"image_se": image_se, "caption_ce_sum": (token_ce * target_mask).sum(dim=1),
+            "caption_tokens": target_mask.sum(dim=1), "alignment": alignment}
+
+
+class MultimodalModel(nn.Module, PyTorchModelHubMixin, library_name="mmtrain", tags=["mmtrain", "image-to-text"]):
+    """Image encoder + image decoder + caption decoder + alignment head; see the module docstring."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set from the tokenizer before building the model")
+        self.config = config
+        self.image_encoder = ImageEncoder(config)
+        self.image_decoder = ImageDecoder(config)
+        self.caption_decoder = CaptionDecoder(config)
+        self.alignment = AlignmentHead(config)
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        images, input_ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+        latent = self.image_encoder(images)
+        reconstruction = self.image_decoder(latent)
+        text_states = self.caption_decoder.encode_text(input_ids)
+        logits = self.caption_decoder.decode(text_states, latent)
+        text_embedding = self.alignment(text_states, mask)
+        similarity = contrastive_logits(latent, text_embedding, self.alignment.scale())
+        terms = per_sample_terms(images, reconstruction, input_ids, mask, logits, similarity)
+        losses = self.reduce_losses(terms)
+        outputs = {"latent": latent, "reconstruction": reconstruction, "logits": logits,
+                   "text_embedding": text_embedding, "similarity": similarity, **terms}
+        return losses, outputs
+
+    def reduce_losses(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Batch losses from per-sample terms; ``loss_caption`` is a mean over the batch's tokens."""
+        c = self.config
+        loss_image = terms["image_se"].mean()
+        loss_caption = terms["caption_ce_sum"].sum() / terms["caption_tokens"].sum().clamp_min(1.0)
+        loss_alignment = terms["alignment"].mean()
+        total = (c.image_loss_weight * loss_image + c.caption_loss_weight * loss_caption
+                 + c.alignment_loss_weight * loss_alignment)
+        return {"total_loss": total, "loss_image": loss_image, "loss_caption": loss_caption,
+                "loss_alignment": loss_alignment}
+
+    @torch.no_grad()
+    def generate(self, images: Tensor, bos_token_id: int, eos_token_id: int, max_length: int | None = None) -> Tensor:
+        """Greedy captions for ``images``: (B, <= max_length) token ids starting with [BOS].
+
+        Positions after a caption's [EOS] are filled with [EOS], which decoding skips as special.
+        """
+        max_length = min(max_length or self.config.max_caption_length, self.config.max_caption_length)
+        latent = self.image_encoder(images)
+        ids = torch.full((images.shape[0], 1), bos_token_id, dtype=torch.long, device=images.device)
+        done = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
+        for _ in range(max_length - 1):
+            logits = self.caption_decoder.decode(self.caption_decoder.encode_text(ids), latent)[:, -1]
+            nxt = torch.where(done, torch.full_like(done, eos_token_id, dtype=torch.long), logits.argmax(dim=-1))
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            done |= nxt == eos_token_id
+            if bool(done.all()):  # host sync per generated token: fine outside the training step
+                break
+        return ids
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,312 @@
+"""The training loop on Accelerate. Read ``Trainer.fit`` top to bottom: that is the whole run.
+
+Data flow of one optimizer step: batch -> ``model(batch)`` -> ``(losses, outputs)`` ->
+``accelerator.backward`` inside ``accelerator.accumulate`` -> on the sync micro-batch:
+``clip_grad_norm_`` (pre-clip norm kept on device) -> optimizer and scheduler step -> on a log
+step only: one reduce + one gather + one host copy, then ``tracker.log`` (main process only).
+"""
+
+import dataclasses
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from mmtrain.checkpoint import Checkpointer, export_model
+from mmtrain.config import Config
+from mmtrain.data import build_dataloader, load_splits
+from mmtrain.distributed import build_accelerator, print_main
+from mmtrain.errors import ConfigError, DataError
+from mmtrain.hardware import HardwareMonitor
+from mmtrain.model import LOSS_NAMES, MultimodalModel
+from mmtrain.optim import build_optimizer, build_scheduler, optimizer_steps
+from mmtrain.telemetry import TrainWindow, collect, hardware_record
+from mmtrain.tokenizer import build_tokenizer
+from mmtrain.tracking import build_tracker
+
+# Files a previous run leaves in output_dir; their presence means "this folder holds a run".
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "model", "wandb")
+
+
+@dataclasses.dataclass
+class TrainState:
+    optimizer_step: int = 0
+    epoch: int = 0
+    samples_seen: int = 0
+    best_val_loss: float = math.inf
+    best_val_epoch: int = -1
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.accelerator = build_accelerator(cfg.train)
+        self.output_dir = Path(cfg.train.output_dir).expanduser()
+        self.state = TrainState()
+        set_seed(cfg.train.seed)
+        self._prepare_output_dir()
+        self._build_data()
+        self._build_model()
+        self._build_optimization()
+        self.checkpointer = Checkpointer(self.accelerator, self.output_dir / "checkpoints")
+        self.hardware = HardwareMonitor(self.accelerator.device)
+        self.window = TrainWindow(self.accelerator.device)
+        self.tracker = build_tracker(self.accelerator.is_main_process, self.output_dir, cfg.wandb,
+                                     self.run_config())
+
+    # ----------------------------------------------------------------------------------- building
+
+    def _prepare_output_dir(self) -> None:
+        acc, out = self.accelerator, self.output_dir
+        existing = [name for name in RUN_OUTPUTS if (out / name).exists()]
+        if existing and not self.cfg.train.overwrite:
+            raise ConfigError(f"train.output_dir={str(out)!r} already holds a run ({', '.join(existing)}); "
+                            "choose another --train.output_dir or pass --train.overwrite true to replace it")
+        acc.wait_for_everyone()  # every rank has looked before the main rank clears anything
+        if acc.is_main_process:
+            for name in existing:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            out.mkdir(parents=True, exist_ok=True)
+            self.cfg.dump(out / "config.yaml")
+        acc.wait_for_everyone()
+
+    def _build_data(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        # The main rank draws/caches the synthetic set or downloads first; the others then read it.
+        with acc.main_process_first():
+            train_ds, val_ds = load_splits(cfg.data, cfg.model)
+        global_batch = cfg.train.batch_size * acc.num_processes
+        if len(train_ds) < global_batch:
+            raise DataError(f"the training split has {len(train_ds)} samples, fewer than one global batch "
+                            f"(train.batch_size={cfg.train.batch_size} x {acc.num_processes} processes); "
+                            "lower train.batch_size or add data")
+        self.tokenizer = build_tokenizer(train_ds["caption"], cfg.model.max_caption_length,
+                                         cfg.data.min_word_frequency)
+        self.train_samples, self.val_samples = len(train_ds), len(val_ds)
+        pin = acc.device.type == "cuda"
+        eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+        self.train_loader = build_dataloader(train_ds, self.tokenizer, cfg.model, cfg.train.batch_size,
+                                             cfg.data.num_workers, shuffle=True, seed=cfg.train.seed, pin_memory=pin)
+        self.val_loader = build_dataloader(val_ds, self.tokenizer, cfg.model, eval_bs, cfg.data.num_workers,
+                                           shuffle=False, seed=cfg.train.seed, pin_memory=pin)
+
+    def _build_model(self) -> None:
+        vocab = len(self.tokenizer)
+        if self.cfg.model.vocab_size not in (0, vocab):
+            raise ConfigError(f"model.vocab_size={self.cfg.model.vocab_size} but the tokenizer built from the "
+                            f"training captions has {vocab} tokens; leave model.vocab_size at 0")
+        self.model_config = dataclasses.replace(self.cfg.model, vocab_size=vocab)
+        self.model = MultimodalModel(self.model_config)
+        self.total_parameters = self.model.num_parameters()
+
+    def _build_optimization(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        optimizer = build_optimizer(self.model, cfg.optim)
+        self.model, self.optimizer, self.train_loader, self.val_loader = acc.prepare(
+            self.model, optimizer, self.train_loader, self.val_loader)
+        # Sized from the sharded loader, so it is right for any process count and accumulation.
+        self.steps_per_epoch, self.total_steps = optimizer_steps(
+            len(self.train_loader), cfg.train.gradient_accumulation_steps, cfg.train.epochs, cfg.train.max_steps)
+        # Not prepared: a prepared scheduler steps once per process per optimizer step.
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        acc.register_for_checkpointing(self.scheduler)
+        self.max_grad_norm = cfg.optim.max_grad_norm or math.inf  # inf: measure the norm, never clip
+
+    def run_config(self) -> dict[str, Any]:
+        """The resolved config plus derived values, and the guide's flat names for easy charting."""
+        cfg, acc = self.cfg, self.accelerator
+        per_device = cfg.train.batch_size
+        return {
+            **cfg.to_dict(),
+            "world_size": acc.num_processes,
+            "device": acc.device.type,
+            "mixed_precision": acc.mixed_precision,
+            "per_device_batch_size": per_device,
+            "effective_batch_size": per_device * acc.num_processes * cfg.train.gradient_accumulation_steps,
+            "train_samples": self.train_samples,
+            "val_samples": self.val_samples,
+            "vocab_size": self.model_config.vocab_size,
+            "total_parameters": self.total_parameters,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_optimizer_steps": self.total_steps,
+            "batch_size": per_device,
+            "learning_rate": cfg.optim.lr,
+            "weight_decay": cfg.optim.weight_decay,
+            "epochs": cfg.train.epochs,
+            "latent_dim": cfg.model.latent_dim,
+            "embedding_dim": cfg.model.embedding_dim,
+            "image_encoder_layers": cfg.model.image_encoder_layers,
+            "transformer_layers": cfg.model.transformer_layers,
+            "image_loss_weight": cfg.model.image_loss_weight,
+            "caption_loss_weight": cfg.model.caption_loss_weight,
+            "alignment_loss_weight": cfg.model.alignment_loss_weight,
+            "optimizer": "AdamW",
+            "scheduler": "CosineAnnealing with linear warmup",
+        }
+
+    # ------------------------------------------------------------------------------------ the run
+
+    def fit(self) -> dict[str, Any]:
+        acc, state = self.accelerator, self.state
+        self.started = time.perf_counter()
+        self.progress = tqdm(total=self.total_steps, initial=state.optimizer_step, desc="train", unit="step",
+                             disable=not (acc.is_main_process and self.cfg.train.progress_bar), dynamic_ncols=True)
+        self.last_train: dict[str, float] = {}
+        self.last_val: dict[str, float] = {}
+        for epoch in range(state.epoch, self.cfg.train.epochs):
+            epoch_loss = self.train_epoch(epoch)
+            self.end_epoch(epoch, epoch_loss)
+            if state.optimizer_step >= self.total_steps:
+                break
+        self.progress.close()
+        return self.finish()
+
+    def train_epoch(self, epoch: int) -> torch.Tensor:
+        """One pass over the training data (or up to the step cap). Returns the epoch's mean loss
+        on device: summing on device keeps non-log steps free of host syncs."""
+        acc, model, state = self.accelerator, self.model, self.state
+        model.train()
+        self.train_loader.set_epoch(epoch)
+        epoch_sum, epoch_batches = torch.zeros((), device=acc.device), 0
+        self.window_started = time.perf_counter()
+        for batch in self.train_loader:
+            with acc.accumulate(model):
+                losses, _ = model(batch)
+                acc.backward(losses["total_loss"])
+                batch_size = batch["pixel_values"].shape[0]
+                self.window.add_micro_batch(losses, batch_size)
+                epoch_sum += losses["total_loss"].detach().float()
+                epoch_batches += 1
+                state.samples_seen += batch_size * acc.num_processes  # even_batches: same size on all ranks
+                if acc.sync_gradients:
+                    self.window.add_optimizer_step(acc.clip_grad_norm_(model.parameters(), self.max_grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            if not acc.sync_gradients:
+                continue
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step ran with
+            if not acc.optimizer_step_was_skipped:  # fp16 overflow: the schedule must not advance
+                self.scheduler.step()
+            state.optimizer_step += 1
+            self.progress.update(1)
+            last = state.optimizer_step >= self.total_steps
+            if state.optimizer_step % self.cfg.wandb.log_frequency == 0 or last:
+                self.log_window(lr, epoch)
+            if last:
+                break
+        return epoch_sum / max(epoch_batches, 1)
+
+    def log_window(self, lr: float, epoch: int) -> None:
+        """A log step: the only place in training where values reach the host."""
+        acc, state = self.accelerator, self.state
+        values, hw_rows = collect(acc, self.window, self.hardware.read())
+        elapsed = time.perf_counter() - self.window_started
+        steps = max(self.window.optimizer_steps, 1)
+        samples = self.window.samples * acc.num_processes
+        record = {
+            **values,
+            "learning_rate": lr,
+            "epoch": state.optimizer_step / self.steps_per_epoch,
+            "batch_size": self.cfg.train.batch_size,
+            "effective_batch_size": self.cfg.train.batch_size * acc.num_processes
+            * self.cfg.train.gradient_accumulation_steps,
+            "optimizer_step": state.optimizer_step,
+            "samples_seen": state.samples_seen,
+            "samples_per_second": samples / elapsed if elapsed > 0 else 0.0,
+            "step_time": elapsed / steps,
+            **hardware_record(hw_rows),
+        }
+        self.tracker.log(record, step=state.optimizer_step)
+        self.last_train = record
+        self.progress.set_postfix(loss=f"{values['total_loss']:.4f}", samples_s=f"{record['samples_per_second']:.1f}")
+        self.window.reset()
+        self.window_started = time.perf_counter()
+
+    def end_epoch(self, epoch: int, epoch_loss: torch.Tensor) -> None:
+        state = self.state
+        train_avg = self.accelerator.reduce(epoch_loss.view(1), reduction="mean").item()
+        val = self.evaluate()
+        state.epoch = epoch + 1
+        if val["val/total_loss"] < state.best_val_loss:
+            state.best_val_loss, state.best_val_epoch = val["val/total_loss"], epoch + 1
+        record = {**val, "epoch_train_loss_avg": train_avg, "epoch_val_loss_avg": val["val/total_loss"],
+                  "epoch": state.optimizer_step / self.steps_per_epoch}
+        self.tracker.log(record, step=state.optimizer_step)
+        self.last_val = record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Exact means over the whole val split: per-sample terms are gathered from every rank
+        (``gather_for_metrics`` drops the samples padded in to even out the last batch)."""
+        acc, model = self.accelerator, self.model
+        model.eval()
+        totals, count = torch.zeros(4, device=acc.device), 0
+        for batch in self.val_loader:
+            _, out = model(batch)
+            terms = torch.stack([out["image_se"], out["caption_ce_sum"], out["caption_tokens"], out["alignment"]], 1)
+            terms = acc.gather_for_metrics(terms)
+            totals += terms.sum(dim=0)
+            count += terms.shape[0]
+        model.train()
+        image_sum, ce_sum, tokens, align_sum = totals.tolist()
+        m = self.model_config
+        val = {"loss_image": image_sum / count, "loss_caption": ce_sum / max(tokens, 1.0),
+               "loss_alignment": align_sum / count}
+        val["total_loss"] = (m.image_loss_weight * val["loss_image"] + m.caption_loss_weight * val["loss_caption"]
+                             + m.alignment_loss_weight * val["loss_alignment"])
+        return {f"val/{k}": val[k] for k in LOSS_NAMES}
+
+    def finish(self) -> dict[str, Any]:
+        acc, state = self.accelerator, self.state
+        train_time = time.perf_counter() - self.started
+        checkpoint = self.checkpointer.save(state.optimizer_step, dataclasses.asdict(state), self.tokenizer)
+        model_dir = self.output_dir / "model"
+        if acc.is_main_process:
+            export_model(acc.unwrap_model(self.model), self.tokenizer, model_dir)
+        acc.wait_for_everyone()
+        summary = {
+            "final_validation_loss": self.last_val.get("val/total_loss"),
+            "best_validation_loss": state.best_val_loss,
+            "best_validation_epoch": state.best_val_epoch,
+            "final_train_loss": self.last_train.get("total_loss"),
+            "total_parameters": self.total_parameters,
+            "optimizer_steps": state.optimizer_step,
+            "samples_seen": state.samples_seen,
+            "train_time_seconds": train_time,
+            "samples_per_second": state.samples_seen / train_time if train_time > 0 else 0.0,
+        }
+        self.tracker.summary(summary)
+        run_dir, mode, url = self.tracker.run_dir, self.tracker.mode, self.tracker.url
+        self.tracker.finish()
+        self.report(summary, checkpoint, model_dir, run_dir, mode, url)
+        return {**summary, "checkpoint": str(checkpoint), "model_dir": str(model_dir),
+                "wandb_run_dir": str(run_dir) if run_dir else None}
+
+    def report(self, summary: dict[str, Any], checkpoint: Path, model_dir: Path, run_dir: Path | None,
+               mode: str, url: str | None) -> None:
+        t, v = self.last_train, self.last_val
+        lines = ["", "== mmtrain: training finished ==",
+                 f"steps {summary['optimizer_steps']}  samples {summary['samples_seen']}  "
+                 f"time {summary['train_time_seconds']:.1f}s  ({summary['samples_per_second']:.1f} samples/s)"]
+        if t:
+            lines.append("final train window: " + "  ".join(f"{k} {t[k]:.4f}" for k in LOSS_NAMES))
+        if v:
+            lines.append("final validation:   " + "  ".join(f"{k} {v['val/' + k]:.4f}" for k in LOSS_NAMES))
+        lines.append(f"best validation total_loss {summary['best_validation_loss']:.4f} "
+                     f"(epoch {summary['best_validation_epoch']})")
+        lines += [f"metrics:    {self.output_dir / 'metrics.jsonl'}",
+                  f"checkpoint: {checkpoint}",
+                  f"model:      {model_dir}  (MultimodalModel.from_pretrained)"]
+        if run_dir is None:
+            lines.append("W&B:        disabled")
+        elif mode == "offline":
+            lines.append(f"W&B run:    {run_dir}  (offline; upload with: wandb sync {run_dir})")
+        else:
+            lines.append(f"W&B run:    {url or run_dir}")
+        print_main(self.accelerator, *lines)

@@ -41,9 +41,11 @@ class DownBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        self.down = nn.Sequential(nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.GroupNorm(_groups(cout), cout),
-                                  nn.SiLU())
-        self.refine = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(_groups(cout), cout), nn.SiLU())
+        # No conv bias before a GroupNorm: the norm subtracts it again, so its gradient is zero.
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 4, stride=2, padding=1, bias=False),
+                                  nn.GroupNorm(_groups(cout), cout), nn.SiLU())
+        self.refine = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                                    nn.GroupNorm(_groups(cout), cout), nn.SiLU())
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.down(x)
@@ -72,8 +74,8 @@ class ImageDecoder(nn.Module):
         self.from_latent = nn.Linear(cfg.latent_dim, chans[0] * self.side * self.side)
         blocks = []
         for cin, cout in itertools.pairwise(chans):
-            blocks += [nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1), nn.GroupNorm(_groups(cout), cout),
-                       nn.SiLU()]
+            blocks += [nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=False),
+                       nn.GroupNorm(_groups(cout), cout), nn.SiLU()]
         blocks.append(nn.ConvTranspose2d(chans[-1], cfg.image_channels, 4, stride=2, padding=1))
         self.blocks = nn.Sequential(*blocks)
 

@@ -28,3 +28,26 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture
 def tiny_yaml() -> Path:
     return TINY
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; tests that build Trainers must not share them."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def tiny_config(output_dir: Path, **overrides):
+    """configs/tiny.yaml with the output folder and any ``section.field`` overrides applied."""
+    from mmtrain.config import load_config
+
+    return load_config(TINY, {"train.output_dir": str(output_dir), **overrides})
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,79 @@
+"""Gradient accumulation k x batch b matches one batch of k*b from the same seed.
+
+The match is exact in exact arithmetic when every per-sample term is batch-independent and the
+batch means weigh samples equally. Two of our losses are not like that, so this test removes
+them on purpose: ``loss_alignment`` (InfoNCE) contrasts each sample with the rest of its batch,
+and ``loss_caption`` is a mean over the batch's tokens, so captions of equal token count are used.
+What is left to differ is float summation order. Stated tolerance: the gradient of the first
+optimizer step agrees to 1e-5 of each tensor's largest entry, and the logged losses and gradient
+norms of 3 steps agree to 1e-5 relative. (Weights are not compared after AdamW steps: Adam divides
+by the gradient's own magnitude, so entries whose true gradient is 0, e.g. attention key biases,
+turn float noise into +-lr updates.)
+"""
+
+import pytest
+from conftest import read_jsonl, tiny_config
+from datasets import Dataset, DatasetDict, Features, Value
+from datasets import Image as ImageFeature
+
+from mmtrain.synthetic import SHAPES, generate_split
+from mmtrain.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def fixed_length_dataset(tmp_path_factory):
+    images, _ = generate_split(64, 32, seed=3, split_id=0)
+    captions = [f"shape {SHAPES[i % len(SHAPES)]} number {i % 5}" for i in range(64)]
+    features = Features({"image": ImageFeature(), "caption": Value("string")})
+    path = tmp_path_factory.mktemp("fixed") / "ds"
+    DatasetDict({"train": Dataset.from_dict({"image": images[:48], "caption": captions[:48]}, features=features),
+                 "validation": Dataset.from_dict({"image": images[48:], "caption": captions[48:]},
+                                                 features=features)}).save_to_disk(str(path))
+    return path
+
+
+def _run(out, data_path, batch_size, accumulation):
+    """Train 3 optimizer steps; return the log and the gradients each optimizer step applied."""
+    cfg = tiny_config(out, **{
+        "data.source": "disk", "data.path": str(data_path), "train.batch_size": batch_size,
+        "train.gradient_accumulation_steps": accumulation, "train.max_steps": 3, "model.alignment_loss_weight": 0.0,
+        "wandb.mode": "disabled", "wandb.log_frequency": 1, "optim.max_grad_norm": 0.0})
+    trainer = Trainer(cfg)
+    grads = []
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    trainer.optimizer.optimizer.register_step_pre_hook(
+        lambda *_: grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()}))
+    trainer.fit()
+    trainer.accelerator.end_training()
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return read_jsonl(out / "metrics.jsonl"), grads
+
+
+def _max_relative_difference(a: dict, b: dict) -> float:
+    return max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)).item() for k in a)
+
+
+def test_accumulation_matches_large_batch(tmp_path, fixed_length_dataset):
+    big_log, big_grads = _run(tmp_path / "big", fixed_length_dataset, batch_size=16, accumulation=1)
+    acc_log, acc_grads = _run(tmp_path / "acc", fixed_length_dataset, batch_size=4, accumulation=4)
+
+    assert len(big_grads) == len(acc_grads) == 3  # one optimizer step per 4 micro-batches
+    # Same weights, same 16 samples: the gradient the first step applies is the same.
+    assert _max_relative_difference(big_grads[0], acc_grads[0]) < 1e-5
+    train_big = [r for r in big_log if "grad_norm" in r]
+    train_acc = [r for r in acc_log if "grad_norm" in r]
+    assert [r["step"] for r in train_big] == [r["step"] for r in train_acc] == [1, 2, 3]
+    for a, b in zip(train_big, train_acc, strict=True):
+        for key in ("total_loss", "loss_image", "loss_caption", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+        assert a["effective_batch_size"] == b["effective_batch_size"] == 16
+
+
+def test_accumulation_check_can_fail(tmp_path, fixed_length_dataset):
+    """The same micro-batch without accumulation is a different run, and the comparison sees it."""
+    _, big_grads = _run(tmp_path / "big", fixed_length_dataset, batch_size=16, accumulation=1)
+    _, small_grads = _run(tmp_path / "small", fixed_length_dataset, batch_size=4, accumulation=1)
+    assert _max_relative_difference(big_grads[0], small_grads[0]) > 1e-2

@@ -1,0 +1,60 @@
+"""Real 2-process CPU runs (gloo): one process group of world size 2, exactly one W&B run."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, read_jsonl
+from wandb_files import offline_runs, read_run
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["-m", "mmtrain", "train", "--config", "configs/tiny.yaml", "--wandb.log_frequency", "1"]
+
+
+def _launch(launcher: list[str], out) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run([*launcher, *ARGS, "--train.output_dir", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _check_one_run_of_world_size_two(out) -> None:
+    runs = offline_runs(out)
+    assert len(runs) == 1, runs  # only the main process starts W&B
+    run = read_run(runs[0])
+    assert run["config"]["world_size"] == 2
+    assert run["config"]["effective_batch_size"] == 32
+    records = read_jsonl(out / "metrics.jsonl")
+    # 96 samples over 2 ranks x 16 per device = 3 optimizer steps per epoch, 2 epochs.
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert {"hw/rank0/cpu_percent", "hw/rank1/cpu_percent"} <= set(records[0])
+    assert records[-1]["samples_seen"] == 192
+
+
+def test_accelerate_launch_multi_gpu_on_cpu_forms_one_group(tmp_path):
+    launcher = [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    _launch(launcher, tmp_path / "acc")
+    _check_one_run_of_world_size_two(tmp_path / "acc")
+
+
+def test_torchrun_forms_one_group(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    _launch(launcher, tmp_path / "torchrun")
+    _check_one_run_of_world_size_two(tmp_path / "torchrun")
+
+
+def test_accelerate_config_file_and_launch_sh(tmp_path):
+    """The shipped CPU config, through launch.sh as a user would start it."""
+    env = {**os.environ, "NUM_PROCESSES": "2", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "launch_sh"
+    proc = subprocess.run(["bash", "launch.sh", "--config", "configs/tiny.yaml", "--wandb.log_frequency", "1",
+                           "--train.output_dir", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _check_one_run_of_world_size_two(out)

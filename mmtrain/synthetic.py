@@ -1,7 +1,7 @@
 """Built-in synthetic engravings: procedurally drawn, seeded, with captions that say what was drawn.
 
 Each image is one or two groups of identical shapes (kind, fill, size, count) on paper, the groups
-placed above/below/beside each other, sometimes inside a ruled border. The caption is generated
+placed one above the other or side by side, sometimes inside a ruled border. The caption is generated
 from the scene itself, so every word in it can be read off the pixels: that is what makes the
 captioning and alignment objectives learnable and their metrics meaningful.
 
@@ -22,13 +22,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Bump when drawing or captioning changes: it is part of the cache key.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "hexagon", "cross")
 FILLS = ("hatched", "crosshatched", "stippled", "black", "outlined")
 SIZES = ("small", "large")
 COUNTS = ("a", "two", "three")
-RELATIONS = ("above", "below", "to the left of", "to the right of")
+# Captions name the top (or left) group first, so one image has one caption: "A below B" would
+# describe the same picture as "B above A" and make the caption unpredictable from the pixels.
+RELATIONS = ("above", "to the left of")
 
 PAPER, INK = 236, 28
 
@@ -123,8 +125,7 @@ def _regions(relation: str | None, lo: float, hi: float) -> list[tuple[float, fl
     mid, gap = (lo + hi) / 2, (hi - lo) * 0.03
     top, bottom = (lo, lo, hi, mid - gap), (lo, mid + gap, hi, hi)
     left, right = (lo, lo, mid - gap, hi), (mid + gap, lo, hi, hi)
-    return {None: [(lo, lo, hi, hi)], "above": [top, bottom], "below": [bottom, top],
-            "to the left of": [left, right], "to the right of": [right, left]}[relation]
+    return {None: [(lo, lo, hi, hi)], "above": [top, bottom], "to the left of": [left, right]}[relation]
 
 
 def draw_engraving(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, str]:

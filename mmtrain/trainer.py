@@ -9,6 +9,7 @@ step only: one reduce + one gather + one host copy, then ``tracker.log`` (main p
 import dataclasses
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,8 @@ class Trainer:
         acc, state = self.accelerator, self.state
         self.started = time.perf_counter()
         self.progress = tqdm(total=self.total_steps, initial=state.optimizer_step, desc="train", unit="step",
-                             disable=not (acc.is_main_process and self.cfg.train.progress_bar), dynamic_ncols=True)
+                             disable=not (acc.is_main_process and self.cfg.train.progress_bar), dynamic_ncols=True,
+                             mininterval=0.1 if sys.stderr.isatty() else 10.0)  # keep job logs short
         self.last_train: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
         for epoch in range(state.epoch, self.cfg.train.epochs):

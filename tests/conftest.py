@@ -1,6 +1,9 @@
 """Shared test set-up: every test runs offline, with caches in temporary folders."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,10 +12,14 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """No test reads or writes the user's caches, contacts the Hub, or needs a W&B key."""
-    root = tmp_path_factory.mktemp("env")
+def _isolate_environment() -> None:
+    """No test reads or writes the user's caches, contacts the Hub, or needs a W&B key.
+
+    Set at import time, before any test module imports huggingface_hub/datasets, which read
+    their offline flags once, at import.
+    """
+    root = Path(tempfile.mkdtemp(prefix="mmtrain-tests-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     os.environ["MMTRAIN_CACHE"] = str(root / "mmtrain-cache")
     os.environ["HF_HOME"] = str(root / "hf-home")
     os.environ["HF_DATASETS_CACHE"] = str(root / "hf-datasets")
@@ -21,8 +28,12 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["WANDB_SILENT"] = "true"
     os.environ["WANDB_DIR"] = str(root / "wandb")
     os.environ.pop("WANDB_API_KEY", None)
+    os.environ.pop("WANDB_MODE", None)
     os.environ["NETRC"] = str(root / "no-netrc")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+_isolate_environment()
 
 
 @pytest.fixture

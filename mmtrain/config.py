@@ -246,6 +246,9 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             value = yaml.safe_load(value)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads a plain no/yes/off/on as a bool
+            value = next((c for c in (("yes", "true", "on") if value else ("no", "false", "off")) if c in choices),
+                         value)
         if value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))} (got {value!r})")
         return value

@@ -48,9 +48,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
     sized to ``total_steps - 1``: the last optimizer step runs at exactly ``min_lr``, and with no
     warmup the first runs at exactly ``lr``.
     """
-    if cfg.warmup_steps >= total_steps:
+    if cfg.warmup_steps and cfg.warmup_steps >= total_steps - 1:
+        # Warmup must leave at least one step of decay, or the last step would run at the peak lr.
         raise ConfigError(f"optim.warmup_steps={cfg.warmup_steps} must be smaller than the {total_steps} "
-                          "optimizer steps of this run (lower it, or raise train.epochs / train.max_steps)")
+                          f"optimizer steps of this run minus one, so that the schedule can decay to optim.min_lr "
+                          "(lower it, or raise train.epochs / train.max_steps)")
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps - 1,
         min_lr_rate=cfg.min_lr / cfg.lr,

@@ -41,14 +41,18 @@ def tiny_yaml() -> Path:
     return TINY
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; tests that build Trainers must not share them."""
-    yield
+def reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons; each Trainer in a test process needs fresh ones."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    reset_accelerate()
 
 
 def tiny_config(output_dir: Path, **overrides):

@@ -12,7 +12,7 @@ turn float noise into +-lr updates.)
 """
 
 import pytest
-from conftest import read_jsonl, tiny_config
+from conftest import read_jsonl, reset_accelerate, tiny_config
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 
@@ -45,10 +45,7 @@ def _run(out, data_path, batch_size, accumulation):
         lambda *_: grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()}))
     trainer.fit()
     trainer.accelerator.end_training()
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     return read_jsonl(out / "metrics.jsonl"), grads
 
 

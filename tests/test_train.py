@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import read_jsonl, tiny_config
+from conftest import read_jsonl, reset_accelerate, tiny_config
 from wandb_files import offline_runs, read_run
 
 from mmtrain.cli import main
@@ -23,10 +23,7 @@ def trained(tmp_path_factory):
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     batch = next(iter(trainer.val_loader))
     trainer.accelerator.end_training()
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     return out, result, model, batch
 
 

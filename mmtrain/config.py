@@ -183,11 +183,18 @@ class WandbConfig:
     name: str | None = _f(None, "Run name; null lets W&B pick one.")
     tags: list[str] = field(default_factory=list, metadata={"help": "Run tags (comma-separated on the command line)."})
     log_frequency: int = _f(10, "Log the training window every this many optimizer steps.")
+    telemetry: bool = _f(True, "Per-window latent/image/caption/gradient/hardware metrics; false logs nothing "
+                               "per step (validation and the summary remain).")
+    image_log_frequency: int = _f(100, "Log the reconstruction grid every this many optimizer steps (0 = never).")
+    media_samples: int = _f(8, "Validation images in the reconstruction grid and the caption table (0 = no media).")
     init_timeout: float = _f(30.0, "Seconds to wait for wandb.init before falling back to offline.")
 
     def __post_init__(self) -> None:
         _require(self.log_frequency > 0, "wandb", "log_frequency", "must be > 0", self.log_frequency)
         _require(self.init_timeout > 0, "wandb", "init_timeout", "must be > 0", self.init_timeout)
+        _require(self.image_log_frequency >= 0, "wandb", "image_log_frequency", "must be >= 0",
+                 self.image_log_frequency)
+        _require(self.media_samples >= 0, "wandb", "media_samples", "must be >= 0", self.media_samples)
 
 
 @dataclass

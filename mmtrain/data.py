@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from torchvision.transforms import v2
 
 from mmtrain.config import DataConfig, ModelConfig
@@ -132,3 +132,9 @@ def build_dataloader(ds: Any, tokenizer: Any, model: ModelConfig, batch_size: in
         generator=generator,
         drop_last=False,
     )
+
+
+def fixed_batch(ds: Any, tokenizer: Any, model: ModelConfig, n: int) -> dict:
+    """The first ``n`` samples of ``ds`` as one transformed batch (for media that must not change)."""
+    view = ds.with_transform(make_transform(tokenizer, model))
+    return default_collate([view[i] for i in range(min(n, len(ds)))])

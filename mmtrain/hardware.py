@@ -6,6 +6,7 @@ so CPU-only runs log no GPU keys and never fail because of monitoring.
 """
 
 import math
+import sys
 import warnings
 
 import psutil
@@ -22,10 +23,22 @@ HW_KEYS = (
     "cpu_percent",          # % of one core used by this process since the previous reading
     "system_cpu_percent",   # % of all cores used on the host since the previous reading
     "rss_mb",               # MB, resident memory of this process
+    "peak_rss_mb",          # MB, peak resident memory of this process since it started
     "ram_percent",          # 0-100, host memory in use
 )
 
 _MB = 1024.0**2
+
+
+def _peak_rss_mb() -> float:
+    try:
+        import resource
+
+        # ru_maxrss is KiB on Linux, bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1024.0 if sys.platform != "darwin" else peak / _MB
+    except (ImportError, OSError):
+        return math.nan
 
 
 def _nvml_handle(device: torch.device):  # -> pynvml handle | None
@@ -72,6 +85,7 @@ class HardwareMonitor:
             reserved = torch.cuda.memory_reserved(self.device) / _MB
             peak = torch.cuda.max_memory_allocated(self.device) / _MB
             torch.cuda.reset_peak_memory_stats(self.device)
+        rss = self.process.memory_info().rss / _MB
         return [gpu_used, gpu_pct, gpu_util, alloc, reserved, peak,
                 self.process.cpu_percent(interval=None), psutil.cpu_percent(interval=None),
-                self.process.memory_info().rss / _MB, psutil.virtual_memory().percent]
+                rss, max(rss, _peak_rss_mb()), psutil.virtual_memory().percent]

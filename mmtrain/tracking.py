@@ -10,10 +10,15 @@ import json
 import math
 import netrc
 import os
+import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+import numpy as np
+from PIL import Image as PILImage
 
 from mmtrain.config import WandbConfig
 
@@ -42,10 +47,30 @@ def resolve_mode(requested: str) -> str:
     return requested
 
 
+@dataclass
+class Image:
+    """An image to log: (H, W) or (H, W, 3) uint8."""
+
+    array: np.ndarray
+    caption: str | None = None
+
+
+@dataclass
+class Table:
+    """A table to log; cells may be :class:`Image`, str or numbers."""
+
+    columns: list[str]
+    rows: list[list[Any]]
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
     return value
+
+
+def _slug(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
 
 
 class NullTracker:
@@ -57,6 +82,9 @@ class NullTracker:
     url: str | None = None
 
     def log(self, record: dict[str, Any], step: int) -> None:
+        pass
+
+    def define_epoch_metrics(self, keys: list[str]) -> None:
         pass
 
     def summary(self, values: dict[str, Any]) -> None:
@@ -106,15 +134,52 @@ class Tracker(NullTracker):
         self.mode = "disabled"
         return None
 
+    def define_epoch_metrics(self, keys: list[str]) -> None:
+        """Chart these keys (globs allowed) against ``epoch`` instead of the optimizer step."""
+        if self._run is not None:
+            self._run.define_metric("epoch")
+            for key in keys:
+                self._run.define_metric(key, step_metric="epoch")
+
+    def _save_media(self, key: str, value: Any, step: int, index: int | None = None) -> dict[str, Any]:
+        """Write an Image as PNG (a Table as JSON with its images as PNGs) under media/; return the
+        reference that metrics.jsonl holds in its place."""
+        folder = self.output_dir / "media" / _slug(key.removeprefix("media/"))
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"step_{step:08d}" + (f"_{index:03d}" if index is not None else "")
+        if isinstance(value, Image):
+            path = folder / f"{stem}.png"
+            PILImage.fromarray(value.array).save(path)
+            return {"_type": "image-file", "path": str(path.relative_to(self.output_dir)), "caption": value.caption}
+        rows = [[self._save_media(f"{key}/images", c, step, i * len(value.columns) + j) if isinstance(c, Image)
+                 else c for j, c in enumerate(row)] for i, row in enumerate(value.rows)]
+        path = folder / f"{stem}.table.json"
+        path.write_text(json.dumps({"columns": value.columns, "data": rows}))
+        return {"_type": "table-file", "path": str(path.relative_to(self.output_dir)), "nrows": len(rows)}
+
+    def _to_wandb(self, record: dict[str, Any]) -> dict[str, Any]:
+        import wandb
+
+        def convert(value: Any) -> Any:
+            if isinstance(value, Image):
+                return wandb.Image(value.array, caption=value.caption)
+            if isinstance(value, Table):
+                return wandb.Table(columns=value.columns, data=[[convert(c) for c in row] for row in value.rows])
+            return value
+
+        return {k: convert(v) for k, v in record.items()}
+
     def log(self, record: dict[str, Any], step: int) -> None:
+        files = {k: self._save_media(k, v, step) for k, v in record.items() if isinstance(v, (Image, Table))}
+        line = {**record, **files}
         if self._pending is not None and self._pending[0] == step:
-            self._pending[1].update(record)
+            self._pending[1].update(line)
         else:
             self._flush()
-            self._pending = (step, dict(record))
+            self._pending = (step, line)
         if self._run is not None:
             try:
-                self._run.log(record, step=step)
+                self._run.log(self._to_wandb(record) if files else record, step=step)
             except Exception as e:
                 warnings.warn(f"W&B log failed ({type(e).__name__}: {e}); continuing with metrics.jsonl only.",
                               stacklevel=2)

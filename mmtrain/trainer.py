@@ -11,6 +11,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +21,21 @@ from tqdm.auto import tqdm
 
 from mmtrain.checkpoint import Checkpointer, export_model
 from mmtrain.config import Config
-from mmtrain.data import build_dataloader, load_splits
+from mmtrain.data import build_dataloader, fixed_batch, load_splits
 from mmtrain.distributed import build_accelerator, print_main
 from mmtrain.errors import ConfigError, DataError
 from mmtrain.hardware import HardwareMonitor
+from mmtrain.media import MediaLogger, NullMediaLogger
+from mmtrain.metrics import MAX_FIELDS, SUM_FIELDS, grad_stats, retrieval_recall, sample_stats, summarize
 from mmtrain.model import LOSS_NAMES, MultimodalModel
 from mmtrain.optim import build_optimizer, build_scheduler, optimizer_steps
-from mmtrain.telemetry import TrainWindow, collect, hardware_record
+from mmtrain.telemetry import Window, combine, gather_rows, gradient_detail, hardware_record
 from mmtrain.tokenizer import build_tokenizer
 from mmtrain.tracking import build_tracker
+
+# Logged once per epoch and charted against `epoch` (W&B define_metric).
+EPOCH_METRICS = ["val/*", "epoch_train_loss_avg", "epoch_val_loss_avg", "val_train_loss_ratio",
+                 "image_caption_loss_ratio", "gradient_norm_trend", "latent_std_trend"]
 
 # Files a previous run leaves in output_dir; their presence means "this folder holds a run".
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "model", "wandb")
@@ -55,10 +62,22 @@ class Trainer:
         self._build_model()
         self._build_optimization()
         self.checkpointer = Checkpointer(self.accelerator, self.output_dir / "checkpoints")
-        self.hardware = HardwareMonitor(self.accelerator.device)
-        self.window = TrainWindow(self.accelerator.device)
-        self.tracker = build_tracker(self.accelerator.is_main_process, self.output_dir, cfg.wandb,
-                                     self.run_config())
+        self._build_telemetry()
+
+    def _build_telemetry(self) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        self.telemetry = cfg.wandb.telemetry
+        self.hardware = HardwareMonitor(acc.device)
+        self.window, self.epoch_window = Window(acc.device), Window(acc.device)
+        self.grad_detail = torch.zeros(0)
+        model = acc.unwrap_model(self.model)
+        self.module_params = {name: list(child.parameters()) for name, child in model.named_children()}
+        self.tracker = build_tracker(acc.is_main_process, self.output_dir, cfg.wandb, self.run_config())
+        self.tracker.define_epoch_metrics(EPOCH_METRICS)
+        self.media = NullMediaLogger()
+        if acc.is_main_process and cfg.wandb.media_samples > 0:
+            batch = {k: v.to(acc.device) for k, v in self.media_batch.items()}
+            self.media = MediaLogger(model, batch, self.tokenizer, self.tracker, acc.autocast)
 
     # ----------------------------------------------------------------------------------- building
 
@@ -90,6 +109,7 @@ class Trainer:
         self.tokenizer = build_tokenizer(train_ds["caption"], cfg.model.max_caption_length,
                                          cfg.data.min_word_frequency)
         self.train_samples, self.val_samples = len(train_ds), len(val_ds)
+        self.media_batch = fixed_batch(val_ds, self.tokenizer, cfg.model, cfg.wandb.media_samples)
         pin = acc.device.type == "cuda"
         eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
         self.train_loader = build_dataloader(train_ds, self.tokenizer, cfg.model, cfg.train.batch_size,
@@ -162,107 +182,181 @@ class Trainer:
         self.last_train: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
         for epoch in range(state.epoch, self.cfg.train.epochs):
-            epoch_loss = self.train_epoch(epoch)
-            self.end_epoch(epoch, epoch_loss)
+            self.train_epoch(epoch)
+            self.end_epoch(epoch)
             if state.optimizer_step >= self.total_steps:
                 break
         self.progress.close()
         return self.finish()
 
-    def train_epoch(self, epoch: int) -> torch.Tensor:
-        """One pass over the training data (or up to the step cap). Returns the epoch's mean loss
-        on device: summing on device keeps non-log steps free of host syncs."""
+    def train_epoch(self, epoch: int) -> None:
+        """One pass over the training data, or up to the step cap."""
         acc, model, state = self.accelerator, self.model, self.state
         model.train()
         self.train_loader.set_epoch(epoch)
-        epoch_sum, epoch_batches = torch.zeros((), device=acc.device), 0
-        self.window_started = time.perf_counter()
-        for batch in self.train_loader:
+        self.epoch_window.reset()
+        self.window.reset()
+        for batch in self.timed(self.train_loader):
             with acc.accumulate(model):
-                losses, _ = model(batch)
+                losses, outputs = model(batch)
                 acc.backward(losses["total_loss"])
-                batch_size = batch["pixel_values"].shape[0]
-                self.window.add_micro_batch(losses, batch_size)
-                epoch_sum += losses["total_loss"].detach().float()
-                epoch_batches += 1
-                state.samples_seen += batch_size * acc.num_processes  # even_batches: same size on all ranks
+                self.record_micro_batch(batch, losses, outputs)
                 if acc.sync_gradients:
-                    self.window.add_optimizer_step(acc.clip_grad_norm_(model.parameters(), self.max_grad_norm))
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+                    self.record_optimizer_step(grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             if not acc.sync_gradients:
                 continue
-            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step ran with
-            if not acc.optimizer_step_was_skipped:  # fp16 overflow: the schedule must not advance
+            lrs = [group["lr"] for group in self.optimizer.param_groups]  # the rates this step ran with
+            if acc.optimizer_step_was_skipped:  # fp16 overflow: no update, so the schedule must not advance
+                self.window.skipped_steps += 1
+            else:
                 self.scheduler.step()
             state.optimizer_step += 1
             self.progress.update(1)
-            last = state.optimizer_step >= self.total_steps
-            if state.optimizer_step % self.cfg.wandb.log_frequency == 0 or last:
-                self.log_window(lr, epoch)
-            if last:
+            if self.is_log_step(state.optimizer_step):
+                self.log_window(lrs)
+            if state.optimizer_step % max(self.cfg.wandb.image_log_frequency, 1) == 0 and \
+                    self.cfg.wandb.image_log_frequency:
+                self.media.reconstructions(state.optimizer_step)
+            if state.optimizer_step >= self.total_steps:
                 break
-        return epoch_sum / max(epoch_batches, 1)
 
-    def log_window(self, lr: float, epoch: int) -> None:
-        """A log step: the only place in training where values reach the host."""
-        acc, state = self.accelerator, self.state
-        values, hw_rows = collect(acc, self.window, self.hardware.read())
-        elapsed = time.perf_counter() - self.window_started
-        steps = max(self.window.optimizer_steps, 1)
-        samples = self.window.samples * acc.num_processes
+    def timed(self, loader: Iterable[dict]) -> Iterator[dict]:
+        """Iterate ``loader``, adding the time spent waiting for each batch to the window."""
+        iterator = iter(loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.window.data_wait += time.perf_counter() - start
+            yield batch
+
+    def is_log_step(self, step: int) -> bool:
+        return self.telemetry and (step % self.cfg.wandb.log_frequency == 0 or step == self.total_steps)
+
+    def record_micro_batch(self, batch: dict, losses: dict, outputs: dict) -> None:
+        """Add the micro-batch to the log window and the epoch window, on device."""
+        stats = None
+        if self.telemetry:
+            stats = sample_stats(batch["pixel_values"], outputs["reconstruction"], outputs["latent"],
+                                 outputs["logits"], batch["input_ids"], batch["attention_mask"])
+        batch_size = batch["pixel_values"].shape[0]
+        self.window.add_micro_batch(losses, batch_size, stats)
+        self.epoch_window.add_micro_batch(losses, batch_size, stats)
+        self.state.samples_seen += batch_size * self.accelerator.num_processes  # even_batches: same on all ranks
+
+    def record_optimizer_step(self, grad_norm: torch.Tensor) -> None:
+        self.window.add_optimizer_step(grad_norm, self.max_grad_norm)
+        self.epoch_window.add_optimizer_step(grad_norm, self.max_grad_norm)
+        if self.is_log_step(self.state.optimizer_step + 1):
+            # Read after clipping (accelerate unscales fp16 grads inside clip_grad_norm_ and a second
+            # unscale is an error); the host divides by this step's clip coefficient.
+            grads = {name: [p.grad for p in params if p.grad is not None]
+                     for name, params in self.module_params.items()}
+            row, per_module = grad_stats(grads)
+            self.grad_detail = torch.cat([row, per_module])
+
+    def log_window(self, lrs: list[float]) -> None:
+        """A log step: the only place in the training loop where values reach the host."""
+        acc, state, cfg = self.accelerator, self.state, self.cfg
+        host = self.window.host_values()
+        steps, elapsed, wait = max(host[1], 1), host[5], host[4]
+        rank_row = [*self.hardware.read(), elapsed / steps, wait / elapsed if elapsed > 0 else 0.0]
+        rows = gather_rows(acc, {**self.window.device_parts(), "grad_detail": self.grad_detail, "host": host,
+                                 "hw": rank_row})
+        samples = sum(r["host"][2] for r in rows)
         record = {
-            **values,
-            "learning_rate": lr,
+            **combine(rows),
+            **gradient_detail(rows, list(self.module_params)),
+            "learning_rate": lrs[0],
+            **{f"learning_rate/{g.get('name', i)}": lr for i, (g, lr) in
+               enumerate(zip(self.optimizer.param_groups, lrs, strict=True))},
             "epoch": state.optimizer_step / self.steps_per_epoch,
-            "batch_size": self.cfg.train.batch_size,
-            "effective_batch_size": self.cfg.train.batch_size * acc.num_processes
-            * self.cfg.train.gradient_accumulation_steps,
+            "batch_size": cfg.train.batch_size,
+            "effective_batch_size": cfg.train.batch_size * acc.num_processes * cfg.train.gradient_accumulation_steps,
             "optimizer_step": state.optimizer_step,
             "samples_seen": state.samples_seen,
             "samples_per_second": samples / elapsed if elapsed > 0 else 0.0,
             "step_time": elapsed / steps,
-            **hardware_record(hw_rows),
+            "data_wait_fraction": wait / elapsed if elapsed > 0 else 0.0,
+            **hardware_record(rows),
         }
+        if acc.scaler is not None:  # fp16: the loss scale, and the steps it skipped on overflow
+            record["loss_scale"] = acc.scaler.get_scale()
+            record["skipped_steps"] = rows[0]["host"][3]
         self.tracker.log(record, step=state.optimizer_step)
         self.last_train = record
-        self.progress.set_postfix(loss=f"{values['total_loss']:.4f}", samples_s=f"{record['samples_per_second']:.1f}")
+        self.progress.set_postfix(loss=f"{record['total_loss']:.4f}", samples_s=f"{record['samples_per_second']:.1f}")
         self.window.reset()
-        self.window_started = time.perf_counter()
 
-    def end_epoch(self, epoch: int, epoch_loss: torch.Tensor) -> None:
+    def end_epoch(self, epoch: int) -> None:
+        """Epoch summary: training means over the whole epoch, then the validation pass."""
         state = self.state
-        train_avg = self.accelerator.reduce(epoch_loss.view(1), reduction="mean").item()
+        rows = gather_rows(self.accelerator, {**self.epoch_window.device_parts(),
+                                              "host": self.epoch_window.host_values()})
+        train = combine(rows)
         val = self.evaluate()
         state.epoch = epoch + 1
         if val["val/total_loss"] < state.best_val_loss:
             state.best_val_loss, state.best_val_epoch = val["val/total_loss"], epoch + 1
-        record = {**val, "epoch_train_loss_avg": train_avg, "epoch_val_loss_avg": val["val/total_loss"],
-                  "epoch": state.optimizer_step / self.steps_per_epoch}
+        record = {
+            **val,
+            "epoch": state.optimizer_step / self.steps_per_epoch,
+            "epoch_train_loss_avg": train["total_loss"],
+            "epoch_val_loss_avg": val["val/total_loss"],
+            "val_train_loss_ratio": val["val/total_loss"] / train["total_loss"],
+            "image_caption_loss_ratio": train["loss_image"] / train["loss_caption"],
+            "gradient_norm_trend": train["grad_norm"],
+        }
+        if "latent_std" in train:
+            record["latent_std_trend"] = train["latent_std"]
         self.tracker.log(record, step=state.optimizer_step)
+        self.media.captions(state.optimizer_step)
         self.last_val = record
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Exact means over the whole val split: per-sample terms are gathered from every rank
+        """Exact values over the whole val split: per-sample rows are gathered from every rank
         (``gather_for_metrics`` drops the samples padded in to even out the last batch)."""
         acc, model = self.accelerator, self.model
         model.eval()
-        totals, count = torch.zeros(4, device=acc.device), 0
+        terms_sum = torch.zeros(4, dtype=torch.float64, device=acc.device)
+        sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=acc.device)
+        maxes = torch.full((len(MAX_FIELDS),), -math.inf, dtype=torch.float64, device=acc.device)
+        latents, texts, ids = [], [], []
         for batch in self.val_loader:
             _, out = model(batch)
-            terms = torch.stack([out["image_se"], out["caption_ce_sum"], out["caption_tokens"], out["alignment"]], 1)
-            terms = acc.gather_for_metrics(terms)
-            totals += terms.sum(dim=0)
-            count += terms.shape[0]
+            terms = torch.stack([out["image_se"], out["caption_ce_sum"],
+                                 out["caption_tokens"], out["alignment"]], 1).double()
+            s, m = sample_stats(batch["pixel_values"], out["reconstruction"], out["latent"], out["logits"],
+                                batch["input_ids"], batch["attention_mask"])
+            terms, s, m, lat, txt, cap = acc.gather_for_metrics(
+                (terms, s, m, out["latent"], out["text_embedding"], batch["input_ids"]))
+            terms_sum += terms.sum(dim=0)
+            sums += s.sum(dim=0)
+            maxes = torch.maximum(maxes, m.amax(dim=0))
+            latents.append(lat)
+            texts.append(txt)
+            ids.append(cap)
         model.train()
-        image_sum, ce_sum, tokens, align_sum = totals.tolist()
+        recall = retrieval_recall(torch.cat(latents), torch.cat(texts), torch.cat(ids))
+        host = torch.cat([terms_sum, sums, maxes, torch.stack(list(recall.values())).double()]).tolist()
+        image_sum, ce_sum, tokens, align_sum = host[:4]
+        count = host[4]  # the "samples" column
         m = self.model_config
         val = {"loss_image": image_sum / count, "loss_caption": ce_sum / max(tokens, 1.0),
                "loss_alignment": align_sum / count}
         val["total_loss"] = (m.image_loss_weight * val["loss_image"] + m.caption_loss_weight * val["loss_caption"]
                              + m.alignment_loss_weight * val["loss_alignment"])
-        return {f"val/{k}": val[k] for k in LOSS_NAMES}
+        n_sums = len(SUM_FIELDS)
+        val.update(summarize(dict(zip(SUM_FIELDS, host[4:4 + n_sums], strict=True)),
+                             dict(zip(MAX_FIELDS, host[4 + n_sums:4 + n_sums + len(MAX_FIELDS)], strict=True))))
+        val.update(zip(recall, host[4 + n_sums + len(MAX_FIELDS):], strict=True))
+        return {f"val/{k}": v for k, v in val.items()}
 
     def finish(self) -> dict[str, Any]:
         acc, state = self.accelerator, self.state

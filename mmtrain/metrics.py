@@ -39,22 +39,29 @@ def sample_stats(images: Tensor, reconstruction: Tensor, latent: Tensor, logits:
     Caption terms cover predicted positions: position t predicts token t+1, counted when token
     t+1 is not padding (the same positions ``loss_caption`` uses).
     """
-    b = images.shape[0]
-    lat = latent.detach().double()
-    err = (reconstruction.detach().double() - images.detach().double()).flatten(1)
+    # Few, batched ops: this runs on every micro-batch, where on small models per-op dispatch
+    # (not arithmetic) is the cost. Reductions accumulate in float64 without float64 copies.
+    f64 = torch.float64
+    lat = latent.detach().float()
+    err = (reconstruction.detach().float() - images.detach().float()).flatten(1)
+    abs_err = err.abs()
     log_p = F.log_softmax(logits.detach()[:, :-1].float(), dim=-1)
-    targets, mask = input_ids[:, 1:], attention_mask[:, 1:].double()
-    ce = -log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
-    entropy = -(log_p.exp() * log_p).sum(dim=-1).double()
-    correct = (log_p.argmax(dim=-1) == targets).double()
-    lat_sq = lat.pow(2).sum(dim=1)
-    sums = torch.stack([
-        torch.ones(b, dtype=torch.float64, device=lat.device),
-        lat.sum(dim=1), lat_sq, torch.full_like(lat_sq, lat.shape[1]), lat_sq.sqrt(),
-        err.pow(2).sum(dim=1), err.abs().sum(dim=1), torch.full_like(lat_sq, err.shape[1]),
-        (ce * mask).sum(dim=1), (correct * mask).sum(dim=1), (entropy * mask).sum(dim=1), mask.sum(dim=1),
+    targets = input_ids[:, 1:]
+    caption = torch.stack([
+        -log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1),      # cross-entropy
+        (log_p.argmax(dim=-1) == targets).float(),                  # correct
+        -(log_p.exp() * log_p).sum(dim=-1),                         # entropy
+        torch.ones_like(targets, dtype=torch.float32),              # token count
+    ], dim=-1) * attention_mask[:, 1:, None]
+    lat_sq = lat.pow(2).sum(dim=1, dtype=f64)
+    sums = torch.cat([
+        torch.stack([torch.ones_like(lat_sq), lat.sum(dim=1, dtype=f64), lat_sq,
+                     torch.full_like(lat_sq, lat.shape[1]), lat_sq.sqrt(),
+                     err.pow(2).sum(dim=1, dtype=f64), abs_err.sum(dim=1, dtype=f64),
+                     torch.full_like(lat_sq, err.shape[1])], dim=1),
+        caption.sum(dim=1, dtype=f64),
     ], dim=1)
-    maxes = torch.stack([lat.amax(dim=1), (-lat).amax(dim=1), err.abs().amax(dim=1)], dim=1)
+    maxes = torch.stack([lat.amax(dim=1), (-lat).amax(dim=1), abs_err.amax(dim=1)], dim=1).double()
     return sums, maxes
 
 
@@ -84,22 +91,30 @@ GRAD_FIELDS = ("grad_abs_sum", "grad_sum", "grad_sq_sum", "grad_abs_max", "grad_
 
 
 def grad_stats(grads_by_module: dict[str, list[Tensor]]) -> tuple[Tensor, Tensor]:
-    """``(row over GRAD_FIELDS, squared L2 norm per module)`` of the given gradients, float64."""
-    flat = [g.detach() for gs in grads_by_module.values() for g in gs]
-    device = flat[0].device if flat else torch.device("cpu")
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    if not flat:
-        return torch.zeros(len(GRAD_FIELDS), dtype=torch.float64), torch.zeros(len(grads_by_module),
-                                                                               dtype=torch.float64)
-    abs_sum = torch.stack([g.abs().sum(dtype=torch.float64) for g in flat]).sum()
-    total = torch.stack([g.sum(dtype=torch.float64) for g in flat]).sum()
-    sq = torch.stack([g.double().pow(2).sum() for g in flat]).sum()
-    abs_max = torch.stack([g.abs().amax().double() for g in flat]).amax()
-    elems = zero + sum(g.numel() for g in flat)
-    per_module = torch.stack([
-        torch.stack([g.double().pow(2).sum() for g in gs]).sum() if gs else zero
-        for gs in grads_by_module.values()])
-    return torch.stack([abs_sum, total, sq, abs_max, elems]), per_module
+    """``(row over GRAD_FIELDS, squared L2 norm per module)`` of the given gradients, float64.
+
+    Per-tensor L1/L2/L-inf norms come from ``torch._foreach_norm`` (the kernel behind
+    ``clip_grad_norm_``): one fused call per statistic and module instead of several Python-level
+    reductions per parameter, which is most of the cost of a log step on small models.
+    """
+    flat = [g for gs in grads_by_module.values() for g in gs]
+    # Every tensor is created on the gradients' device: a host->device copy would be a sync.
+    f64 = {"dtype": torch.float64, "device": flat[0].device if flat else torch.device("cpu")}
+    rows = []
+    for grads in grads_by_module.values():
+        if not grads:
+            rows.append(torch.zeros(len(GRAD_FIELDS), **f64))
+            continue
+        grads = [g.detach() for g in grads]
+        l1, l2, linf = (torch.stack(torch._foreach_norm(grads, order)).double() for order in (1, 2, math.inf))
+        signed = torch.stack([g.sum(dtype=torch.float64) for g in grads])
+        elems = torch.full((), float(sum(g.numel() for g in grads)), **f64)
+        rows.append(torch.stack([l1.sum(), signed.sum(), l2.pow(2).sum(), linf.amax(), elems]))
+    if not rows:
+        return torch.zeros(len(GRAD_FIELDS), **f64), torch.zeros(0, **f64)
+    per_module = torch.stack(rows)
+    total = torch.cat([per_module[:, :3].sum(dim=0), per_module[:, 3:4].amax(dim=0), per_module[:, 4:].sum(dim=0)])
+    return total, per_module[:, 2]
 
 
 def summarize_grads(row: dict[str, float], scale: float = 1.0) -> dict[str, float]:

@@ -63,6 +63,11 @@ class Trainer:
         self._build_optimization()
         self.checkpointer = Checkpointer(self.accelerator, self.output_dir / "checkpoints")
         self._build_telemetry()
+        self.last_train: dict[str, float] = {}
+        self.last_val: dict[str, float] = {}
+        self.progress = tqdm(total=self.total_steps, initial=self.state.optimizer_step, desc="train", unit="step",
+                             disable=not (self.accelerator.is_main_process and cfg.train.progress_bar),
+                             dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)  # short job logs
 
     def _build_telemetry(self) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -76,7 +81,8 @@ class Trainer:
         self.tracker.define_epoch_metrics(EPOCH_METRICS)
         self.media = NullMediaLogger()
         if acc.is_main_process and cfg.wandb.media_samples > 0:
-            batch = {k: v.to(acc.device) for k, v in self.media_batch.items()}
+            batch = fixed_batch(self.val_dataset, self.tokenizer, cfg.model, cfg.wandb.media_samples)
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
             self.media = MediaLogger(model, batch, self.tokenizer, self.tracker, acc.autocast)
 
     # ----------------------------------------------------------------------------------- building
@@ -109,7 +115,7 @@ class Trainer:
         self.tokenizer = build_tokenizer(train_ds["caption"], cfg.model.max_caption_length,
                                          cfg.data.min_word_frequency)
         self.train_samples, self.val_samples = len(train_ds), len(val_ds)
-        self.media_batch = fixed_batch(val_ds, self.tokenizer, cfg.model, cfg.wandb.media_samples)
+        self.val_dataset = val_ds
         pin = acc.device.type == "cuda"
         eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
         self.train_loader = build_dataloader(train_ds, self.tokenizer, cfg.model, cfg.train.batch_size,
@@ -174,13 +180,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------ the run
 
     def fit(self) -> dict[str, Any]:
-        acc, state = self.accelerator, self.state
+        state = self.state
         self.started = time.perf_counter()
-        self.progress = tqdm(total=self.total_steps, initial=state.optimizer_step, desc="train", unit="step",
-                             disable=not (acc.is_main_process and self.cfg.train.progress_bar), dynamic_ncols=True,
-                             mininterval=0.1 if sys.stderr.isatty() else 10.0)  # keep job logs short
-        self.last_train: dict[str, float] = {}
-        self.last_val: dict[str, float] = {}
         for epoch in range(state.epoch, self.cfg.train.epochs):
             self.train_epoch(epoch)
             self.end_epoch(epoch)
@@ -189,8 +190,8 @@ class Trainer:
         self.progress.close()
         return self.finish()
 
-    def train_epoch(self, epoch: int) -> None:
-        """One pass over the training data, or up to the step cap."""
+    def train_epoch(self, epoch: int, stop_at: int | None = None) -> None:
+        """One pass over the training data, or up to the step cap (or optimizer step ``stop_at``)."""
         acc, model, state = self.accelerator, self.model, self.state
         model.train()
         self.train_loader.set_epoch(epoch)
@@ -220,7 +221,7 @@ class Trainer:
             if state.optimizer_step % max(self.cfg.wandb.image_log_frequency, 1) == 0 and \
                     self.cfg.wandb.image_log_frequency:
                 self.media.reconstructions(state.optimizer_step)
-            if state.optimizer_step >= self.total_steps:
+            if state.optimizer_step >= min(self.total_steps, stop_at or self.total_steps):
                 break
 
     def timed(self, loader: Iterable[dict]) -> Iterator[dict]:

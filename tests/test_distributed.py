@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, read_jsonl
-from wandb_files import offline_runs, read_run
+from conftest import REPO
+from expected_metrics import assert_every_metric
 
 pytestmark = pytest.mark.slow
 
@@ -24,15 +24,14 @@ def _launch(launcher: list[str], out) -> subprocess.CompletedProcess:
 
 
 def _check_one_run_of_world_size_two(out) -> None:
-    runs = offline_runs(out)
-    assert len(runs) == 1, runs  # only the main process starts W&B
-    run = read_run(runs[0])
+    # Only the main process starts W&B; it records every metric, hardware for both ranks.
+    records, run = assert_every_metric(out, ranks=2)
     assert run["config"]["world_size"] == 2
     assert run["config"]["effective_batch_size"] == 32
-    records = read_jsonl(out / "metrics.jsonl")
     # 96 samples over 2 ranks x 16 per device = 3 optimizer steps per epoch, 2 epochs.
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert {"hw/rank0/cpu_percent", "hw/rank1/cpu_percent"} <= set(records[0])
+    assert records[0]["hw/rank0/rss_mb"] != records[0]["hw/rank1/rss_mb"]  # two processes, two readings
     assert records[-1]["samples_seen"] == 192
 
 

@@ -28,3 +28,37 @@ def test_hardware_reads_own_gpu():
     reading = dict(zip(HW_KEYS, HardwareMonitor(torch.device("cuda", 0)).read(), strict=True))
     assert reading["gpu_memory_used"] > 0 and 0 < reading["gpu_memory_percent"] <= 100
     assert reading["torch_allocated_mb"] >= 4.0 - 1e-6
+
+
+def test_non_log_steps_do_not_synchronise_the_gpu(tmp_path):
+    """CUDA's own sync detector, set to raise, around every training step that is not a log step.
+
+    fp32 (no GradScaler: its overflow check reads a value back every step by design)."""
+    from mmtrain.trainer import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path, **{"train.max_steps": 9, "wandb.log_frequency": 4,
+                                               "wandb.image_log_frequency": 4, "wandb.mode": "offline"}))
+
+    def allowed(fn):
+        def wrapped(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("default")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+        return wrapped
+
+    def strict(fn):
+        def wrapped(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return wrapped
+
+    trainer.log_window = allowed(trainer.log_window)
+    trainer.media.reconstructions = allowed(trainer.media.reconstructions)
+    trainer.train_epoch = strict(trainer.train_epoch)
+    result = trainer.fit()
+    assert result["optimizer_steps"] == 9

@@ -40,8 +40,9 @@ def sample_stats(images: Tensor, reconstruction: Tensor, latent: Tensor, logits:
     t+1 is not padding (the same positions ``loss_caption`` uses).
     """
     # Few, batched ops: this runs on every micro-batch, where on small models per-op dispatch
-    # (not arithmetic) is the cost. Reductions accumulate in float64 without float64 copies.
-    f64 = torch.float64
+    # (not arithmetic) is the cost. Per-sample sums are float32 (a float64 upcast of the whole
+    # image tensor would cost more than the rest together); rows are float64 from here on, so
+    # windows and eval sets add up without loss.
     lat = latent.detach().float()
     err = (reconstruction.detach().float() - images.detach().float()).flatten(1)
     abs_err = err.abs()
@@ -53,14 +54,13 @@ def sample_stats(images: Tensor, reconstruction: Tensor, latent: Tensor, logits:
         -(log_p.exp() * log_p).sum(dim=-1),                         # entropy
         torch.ones_like(targets, dtype=torch.float32),              # token count
     ], dim=-1) * attention_mask[:, 1:, None]
-    lat_sq = lat.pow(2).sum(dim=1, dtype=f64)
+    lat_sq = (lat * lat).sum(dim=1)
     sums = torch.cat([
-        torch.stack([torch.ones_like(lat_sq), lat.sum(dim=1, dtype=f64), lat_sq,
-                     torch.full_like(lat_sq, lat.shape[1]), lat_sq.sqrt(),
-                     err.pow(2).sum(dim=1, dtype=f64), abs_err.sum(dim=1, dtype=f64),
+        torch.stack([torch.ones_like(lat_sq), lat.sum(dim=1), lat_sq, torch.full_like(lat_sq, lat.shape[1]),
+                     lat_sq.sqrt(), (err * err).sum(dim=1), abs_err.sum(dim=1),
                      torch.full_like(lat_sq, err.shape[1])], dim=1),
-        caption.sum(dim=1, dtype=f64),
-    ], dim=1)
+        caption.sum(dim=1),
+    ], dim=1).double()
     maxes = torch.stack([lat.amax(dim=1), (-lat).amax(dim=1), abs_err.amax(dim=1)], dim=1).double()
     return sums, maxes
 
@@ -93,9 +93,8 @@ GRAD_FIELDS = ("grad_abs_sum", "grad_sum", "grad_sq_sum", "grad_abs_max", "grad_
 def grad_stats(grads_by_module: dict[str, list[Tensor]]) -> tuple[Tensor, Tensor]:
     """``(row over GRAD_FIELDS, squared L2 norm per module)`` of the given gradients, float64.
 
-    Per-tensor L1/L2/L-inf norms come from ``torch._foreach_norm`` (the kernel behind
-    ``clip_grad_norm_``): one fused call per statistic and module instead of several Python-level
-    reductions per parameter, which is most of the cost of a log step on small models.
+    Per-tensor L1/L2 norms come from ``torch._foreach_norm`` (the kernel behind ``clip_grad_norm_``):
+    one fused call per statistic and module instead of Python-level reductions per parameter.
     """
     flat = [g for gs in grads_by_module.values() for g in gs]
     # Every tensor is created on the gradients' device: a host->device copy would be a sync.
@@ -106,8 +105,12 @@ def grad_stats(grads_by_module: dict[str, list[Tensor]]) -> tuple[Tensor, Tensor
             rows.append(torch.zeros(len(GRAD_FIELDS), **f64))
             continue
         grads = [g.detach() for g in grads]
-        l1, l2, linf = (torch.stack(torch._foreach_norm(grads, order)).double() for order in (1, 2, math.inf))
-        signed = torch.stack([g.sum(dtype=torch.float64) for g in grads])
+        l1, l2 = (torch.stack(torch._foreach_norm(grads, order)).double() for order in (1, 2))
+        # Per-tensor sums and extremes in the gradients' dtype (a float64 upcast per tensor costs
+        # 3x more on CPU); the cross-tensor totals are float64.
+        signed = torch.stack([g.sum() for g in grads]).double()
+        lo, hi = (torch.stack(x).double() for x in zip(*(torch.aminmax(g) for g in grads), strict=True))
+        linf = torch.maximum(lo.abs(), hi.abs())
         elems = torch.full((), float(sum(g.numel() for g in grads)), **f64)
         rows.append(torch.stack([l1.sum(), signed.sum(), l2.pow(2).sum(), linf.amax(), elems]))
     if not rows:

@@ -157,7 +157,7 @@ class Tracker(NullTracker):
         path.write_text(json.dumps({"columns": value.columns, "data": rows}))
         return {"_type": "table-file", "path": str(path.relative_to(self.output_dir)), "nrows": len(rows)}
 
-    def _to_wandb(self, record: dict[str, Any]) -> dict[str, Any]:
+    def _to_wandb(self, record: dict[str, Any], files: dict[str, dict[str, Any]]) -> dict[str, Any]:
         import wandb
 
         def convert(value: Any) -> Any:
@@ -167,7 +167,12 @@ class Tracker(NullTracker):
                 return wandb.Table(columns=value.columns, data=[[convert(c) for c in row] for row in value.rows])
             return value
 
-        return {k: convert(v) for k, v in record.items()}
+        def top_level(key: str, value: Any) -> Any:
+            if isinstance(value, Image):  # hand W&B the PNG already written: no second encoding
+                return wandb.Image(str(self.output_dir / files[key]["path"]), caption=value.caption)
+            return convert(value)
+
+        return {k: top_level(k, v) for k, v in record.items()}
 
     def log(self, record: dict[str, Any], step: int) -> None:
         files = {k: self._save_media(k, v, step) for k, v in record.items() if isinstance(v, (Image, Table))}
@@ -179,7 +184,7 @@ class Tracker(NullTracker):
             self._pending = (step, line)
         if self._run is not None:
             try:
-                self._run.log(self._to_wandb(record) if files else record, step=step)
+                self._run.log(self._to_wandb(record, files) if files else record, step=step)
             except Exception as e:
                 warnings.warn(f"W&B log failed ({type(e).__name__}: {e}); continuing with metrics.jsonl only.",
                               stacklevel=2)

@@ -81,8 +81,75 @@ class Checkpointer:
         return final
 
 
-def export_model(model: Any, tokenizer: Any, out_dir: Path) -> Path:
-    """Write the model as safetensors + config.json (+ model card) and the tokenizer, atomically.
+def model_card(run_config: dict[str, Any], results: dict[str, Any]) -> str:
+    """The export's README.md: what was trained on what, how well, and how to load it."""
+    def table(rows: dict[str, Any]) -> str:
+        lines = ["| | |", "|---|---|"]
+        for key, value in rows.items():
+            shown = f"{value:.6g}" if isinstance(value, float) else value
+            lines.append(f"| `{key}` | {shown} |")
+        return "\n".join(lines)
+
+    data = {k: run_config[k] for k in ("train_samples", "val_samples", "vocab_size") if k in run_config}
+    data["data"] = ", ".join(f"{k}={v}" for k, v in run_config.get("data", {}).items()
+                             if k in ("source", "path", "image_column", "caption_column") and v is not None)
+    training = {k: run_config[k] for k in ("total_parameters", "world_size", "mixed_precision",
+                                           "effective_batch_size", "total_optimizer_steps", "epochs")
+                if k in run_config}
+    config_json = json.dumps({k: run_config[k] for k in ("model", "data", "optim", "train") if k in run_config},
+                             indent=2)
+    return f"""---
+library_name: mmtrain
+tags:
+- mmtrain
+- image-to-text
+- image-reconstruction
+---
+
+# mmtrain engravings model
+
+An image encoder -> latent -> image decoder (reconstruction) and a transformer caption decoder,
+with the caption embedding aligned to the image latent (CLIP-style InfoNCE). Trained with mmtrain.
+
+## Load it
+
+```python
+from transformers import AutoTokenizer
+from mmtrain.model import MultimodalModel
+
+model = MultimodalModel.from_pretrained("path/to/this/folder").eval()
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+```
+
+or from the command line:
+
+```bash
+mmtrain predict path/to/this/folder image.png --out predictions/
+mmtrain retrieve path/to/this/folder --images images/ --query "an engraving of two circles"
+```
+
+## Data
+
+{table(data)}
+
+## Training
+
+{table(training)}
+
+## Results
+
+{table(results)}
+
+## Training config
+
+```json
+{config_json}
+```
+"""
+
+
+def export_model(model: Any, tokenizer: Any, out_dir: Path, card: str | None = None) -> Path:
+    """Write the model as safetensors + config.json + model card and the tokenizer, atomically.
 
     The result loads with ``MultimodalModel.from_pretrained(out_dir)`` and the tokenizer with
     ``AutoTokenizer.from_pretrained(out_dir)``.
@@ -92,5 +159,7 @@ def export_model(model: Any, tokenizer: Any, out_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    if card is not None:
+        (tmp / "README.md").write_text(card)
     _replace_dir(tmp, out_dir)
     return out_dir

@@ -33,10 +33,64 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _device_and_batch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when present; default)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+
+
+def _predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="caption and reconstruct images with an exported model",
+                       description="Greedy caption, reconstruction MSE and reconstruction PNGs for each image.",
+                       epilog="example:\n  mmtrain predict runs/laptop/model engravings/ --out predictions/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="the model/ folder a training run exported")
+    p.add_argument("inputs", metavar="IMAGE_OR_DIR", nargs="+", help="image files and/or folders of images")
+    p.add_argument("--out", metavar="DIR", help="write <name>.reconstruction.png, <name>.difference.png, "
+                                                "<name>.comparison.png and predictions.jsonl here")
+    p.add_argument("--max-length", type=int, default=None, help="longest caption in tokens (default: the model's)")
+    _device_and_batch(p)
+
+
+def _retrieve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "retrieve", help="rank images by a caption, or captions by an image",
+        description="Rank by cosine similarity in the aligned latent space. Text -> images: --images and "
+                    "--query. Image -> text: --image and --captions.",
+        epilog="examples:\n  mmtrain retrieve runs/laptop/model --images val/ --query \"two circles above a square\"\n"
+               "  mmtrain retrieve runs/laptop/model --image a.png --captions captions.txt --top 3",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="the model/ folder a training run exported")
+    p.add_argument("--images", metavar="IMAGE_OR_DIR", nargs="+", help="the images to search (text -> images)")
+    p.add_argument("--query", metavar="TEXT", action="append", help="a caption to search for (repeatable)")
+    p.add_argument("--image", metavar="IMAGE", action="append", help="an image to describe (image -> text; repeatable)")
+    p.add_argument("--captions", metavar="FILE", help="candidate captions: .txt one per line, or metadata.jsonl/.csv")
+    p.add_argument("--top", type=int, default=5, help="results per query (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per query instead of a table")
+    _device_and_batch(p)
+
+
+def _export_data_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-data", help="write a configured dataset split as an image folder + metadata.jsonl",
+        description="Write the images and captions of a data source (by default the built-in synthetic "
+                    "engravings) as DIR/<name>.png plus DIR/metadata.jsonl (file_name, caption): the imagefolder "
+                    "layout mmtrain trains on, and images to try `mmtrain predict` on.",
+        epilog="example:\n  mmtrain export-data --config configs/laptop.yaml --split validation --count 50 "
+               "--out val_images/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE.yaml", help="the training config whose data section to read")
+    p.add_argument("--split", choices=["train", "validation"], default="validation")
+    p.add_argument("--count", type=int, default=0, help="first N samples (default 0 = all)")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder to write (must not exist or be empty)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmtrain", description="Train and inspect multimodal engravings models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
+    _predict_parser(sub)
+    _retrieve_parser(sub)
+    _export_data_parser(sub)
     return parser
 
 
@@ -74,11 +128,117 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return name
+
+
+def _report_failures(failures: list) -> int:
+    for failure in failures:
+        print(f"mmtrain: error: {failure.path}: {failure.reason}", file=sys.stderr, flush=True)
+    return 2 if failures else 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
+    _quiet_libraries()
+    from mmtrain.inference import find_images, load_pretrained, predict
+
+    model, tokenizer = load_pretrained(args.model_dir, _resolve_device(args.device))
+    paths, failures = find_images(args.inputs)
+    out = Path(args.out).expanduser() if args.out else None
+    records, bad = predict(model, tokenizer, paths, out, args.batch_size, args.max_length,
+                           progress=sys.stderr.isatty())
+    for r in records:
+        print(f"{r['path']}\t{r['caption']}\tmse={r['reconstruction_mse']:.5f}", flush=True)
+    if out is not None:
+        (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        print(f"wrote {len(records)} predictions and their PNGs to {out}", file=sys.stderr)
+    return _report_failures(failures + bad)
+
+
+def run_retrieve(args: argparse.Namespace) -> int:
+    import json
+
+    text_to_image = bool(args.images or args.query)
+    image_to_text = bool(args.image or args.captions)
+    if text_to_image == image_to_text or (text_to_image and not (args.images and args.query)) or \
+            (image_to_text and not (args.image and args.captions)):
+        raise UserError("give either --images and --query (text -> images) or --image and --captions "
+                        "(image -> text)")
+    if args.top < 1 or args.batch_size < 1:
+        raise UserError("--top and --batch-size must be >= 1")
+    _quiet_libraries()
+    from mmtrain.inference import embed_captions, embed_images, find_images, load_pretrained, read_captions, top_k
+
+    model, tokenizer = load_pretrained(args.model_dir, _resolve_device(args.device))
+    progress = sys.stderr.isatty()
+    if text_to_image:
+        paths, failures = find_images(args.images)
+        kept, keys, bad = embed_images(model, paths, args.batch_size, progress)
+        queries, labels, names = args.query, args.query, [str(p) for p in kept]
+        hits = top_k(embed_captions(model, tokenizer, queries), keys, args.top) if kept else [[] for _ in queries]
+    else:
+        captions = read_captions(args.captions)
+        paths, failures = find_images(args.image)
+        kept, queries_emb, bad = embed_images(model, paths, args.batch_size, progress)
+        labels, names = [str(p) for p in kept], captions
+        hits = top_k(queries_emb, embed_captions(model, tokenizer, captions), args.top) if kept else []
+    for label, ranked in zip(labels, hits, strict=True):
+        results = [{"rank": r + 1, "similarity": round(sim, 4), "match": names[i]}
+                   for r, (i, sim) in enumerate(ranked)]
+        if args.json:
+            print(json.dumps({"query": label, "results": results}), flush=True)
+        else:
+            print(f"{label}", flush=True)
+            for res in results:
+                print(f"  {res['rank']:>3}  {res['similarity']:+.4f}  {res['match']}", flush=True)
+    return _report_failures(failures + bad)
+
+
+def run_export_data(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    cfg = load_config(args.config)
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {str(out)!r} already holds files; choose a new or empty folder")
+    if args.count < 0:
+        raise UserError(f"--count {args.count}: must be >= 0")
+    _quiet_libraries()
+    from mmtrain.data import load_splits
+
+    train, val = load_splits(cfg.data, cfg.model)
+    ds = train if args.split == "train" else val
+    n = min(args.count or len(ds), len(ds))
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        row = ds[i]
+        name = f"{args.split}_{i:05d}.png"
+        row["image"].save(out / name)
+        lines.append(json.dumps({"file_name": name, "caption": row["caption"]}))
+    (out / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    print(f"wrote {n} images and metadata.jsonl to {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _short_warnings()
     try:
-        return {"train": run_train}[args.command](args)
+        return {"train": run_train, "predict": run_predict, "retrieve": run_retrieve,
+                "export-data": run_export_data}[args.command](args)
     except UserError as e:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""

@@ -98,8 +98,9 @@ def load_splits(data: DataConfig, model: ModelConfig) -> tuple[Any, Any]:
     return train, val
 
 
-def make_transform(tokenizer: Any, model: ModelConfig) -> Callable[[dict], dict]:
-    """Batch transform: PIL image -> float tensor in [0, 1] (C, S, S); caption -> ids + mask."""
+def image_transform(model: ModelConfig) -> Callable[[Any], torch.Tensor]:
+    """PIL image -> float tensor in [0, 1] of shape (C, S, S): the model's view of any image,
+    in training and at inference alike (gray or RGB per ``image_channels``, resize, centre crop)."""
     pipeline = v2.Compose([
         v2.Resize(model.image_size, antialias=True),
         v2.CenterCrop(model.image_size),
@@ -107,9 +108,15 @@ def make_transform(tokenizer: Any, model: ModelConfig) -> Callable[[dict], dict]
         v2.ToDtype(torch.float32, scale=True),
     ])
     mode = "L" if model.image_channels == 1 else "RGB"
+    return lambda image: pipeline(image.convert(mode))
+
+
+def make_transform(tokenizer: Any, model: ModelConfig) -> Callable[[dict], dict]:
+    """Batch transform: PIL image -> float tensor in [0, 1] (C, S, S); caption -> ids + mask."""
+    to_tensor = image_transform(model)
 
     def transform(batch: dict) -> dict:
-        pixels = [pipeline(img.convert(mode)) for img in batch["image"]]
+        pixels = [to_tensor(img) for img in batch["image"]]
         enc = encode(tokenizer, list(batch["caption"]), model.max_caption_length)
         return {"pixel_values": pixels, "input_ids": list(enc["input_ids"]),
                 "attention_mask": list(enc["attention_mask"])}

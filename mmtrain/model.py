@@ -229,5 +229,9 @@ class MultimodalModel(nn.Module, PyTorchModelHubMixin, library_name="mmtrain", t
                 break
         return ids
 
+    def embed_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Captions -> their embedding in the latent space (what the alignment loss compares)."""
+        return self.alignment(self.caption_decoder.encode_text(input_ids), attention_mask)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

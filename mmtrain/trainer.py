@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from mmtrain.checkpoint import Checkpointer, export_model
+from mmtrain.checkpoint import Checkpointer, export_model, model_card
 from mmtrain.config import Config
 from mmtrain.data import build_dataloader, fixed_batch, load_splits
 from mmtrain.distributed import build_accelerator, print_main
@@ -363,10 +363,6 @@ class Trainer:
         acc, state = self.accelerator, self.state
         train_time = time.perf_counter() - self.started
         checkpoint = self.checkpointer.save(state.optimizer_step, dataclasses.asdict(state), self.tokenizer)
-        model_dir = self.output_dir / "model"
-        if acc.is_main_process:
-            export_model(acc.unwrap_model(self.model), self.tokenizer, model_dir)
-        acc.wait_for_everyone()
         summary = {
             "final_validation_loss": self.last_val.get("val/total_loss"),
             "best_validation_loss": state.best_val_loss,
@@ -378,6 +374,12 @@ class Trainer:
             "train_time_seconds": train_time,
             "samples_per_second": state.samples_seen / train_time if train_time > 0 else 0.0,
         }
+        model_dir = self.output_dir / "model"
+        if acc.is_main_process:
+            results = {**summary, **{k: v for k, v in self.last_val.items() if k.startswith("val/")}}
+            export_model(acc.unwrap_model(self.model), self.tokenizer, model_dir,
+                         model_card(self.run_config(), results))
+        acc.wait_for_everyone()
         self.tracker.summary(summary)
         run_dir, mode, url = self.tracker.run_dir, self.tracker.mode, self.tracker.url
         self.tracker.finish()

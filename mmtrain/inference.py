@@ -1,0 +1,225 @@
+"""Use an exported model: caption and reconstruct images, and retrieve images <-> captions.
+
+Everything here works from the exported ``model/`` folder alone (safetensors weights,
+``config.json``, tokenizer files), on CPU or GPU. Images go through the same transform as in
+training (:func:`mmtrain.data.image_transform`), so the model sees them exactly as it learned to.
+A file that is missing or not a readable image is reported and skipped; the others are processed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mmtrain.config import ModelConfig
+from mmtrain.data import image_transform
+from mmtrain.errors import UserError
+from mmtrain.media import reconstruction_grid, to_uint8
+from mmtrain.model import MultimodalModel
+from mmtrain.tokenizer import encode, load_tokenizer
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+class ModelDirError(UserError):
+    """The model folder is missing, incomplete, or from an incompatible mmtrain version."""
+
+
+@dataclass
+class Failure:
+    path: str
+    reason: str
+
+
+def load_pretrained(model_dir: str | Path, device: str | torch.device = "cpu"
+                    ) -> tuple[MultimodalModel, object]:
+    """(model in eval mode on ``device``, tokenizer) from an exported folder, with clear errors."""
+    root = Path(model_dir).expanduser()
+    if not root.is_dir():
+        raise ModelDirError(f"model folder {str(root)!r} does not exist; pass the model/ folder a training run "
+                            "exported (e.g. runs/laptop/model)")
+    missing = [name for name in ("config.json", "model.safetensors", "tokenizer.json") if not (root / name).is_file()]
+    if missing:
+        raise ModelDirError(f"{str(root)!r} is not an exported mmtrain model: missing {', '.join(missing)}; "
+                            "pass the model/ folder of a finished run")
+    try:
+        saved = json.loads((root / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{root / 'config.json'}: not valid JSON (line {e.lineno}); re-export the model") from None
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown, absent = sorted(set(saved) - fields), sorted(fields - set(saved))
+    if unknown or absent:
+        raise ModelDirError(
+            f"{root / 'config.json'} was written by an incompatible mmtrain version "
+            f"({'unknown fields: ' + ', '.join(unknown) if unknown else ''}"
+            f"{'; ' if unknown and absent else ''}{'missing fields: ' + ', '.join(absent) if absent else ''}); "
+            "load it with the mmtrain version that trained it, or retrain")
+    try:
+        # huggingface_hub print()s "Loading weights from local directory"; predict's stdout is data.
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = MultimodalModel.from_pretrained(str(root))
+    except (RuntimeError, ValueError, OSError) as e:  # shape/key mismatches, unreadable weights
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelDirError(f"{str(root)!r}: the weights do not load into this mmtrain version's model ({first}); "
+                            "load it with the mmtrain version that trained it, or retrain") from None
+    tokenizer = load_tokenizer(root)
+    if len(tokenizer) != model.config.vocab_size:
+        raise ModelDirError(f"{str(root)!r}: the tokenizer has {len(tokenizer)} tokens but the model expects "
+                            f"{model.config.vocab_size}; the folder mixes files of different runs")
+    return model.to(device).eval(), tokenizer
+
+
+def find_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Failure]]:
+    """Files as given, folders expanded (recursively, sorted) to the image files they hold."""
+    found: list[Path] = []
+    failures: list[Failure] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+                failures.append(Failure(str(path), f"folder holds no image files ({kinds})"))
+            found += images
+        elif path.is_file():
+            found.append(path)
+        else:
+            failures.append(Failure(str(path), "no such file or folder"))
+    return found, failures
+
+
+def _load_images(paths: Sequence[Path], config: ModelConfig) -> tuple[list[Path], list[Tensor], list[Failure]]:
+    to_tensor = image_transform(config)
+    ok, tensors, failures = [], [], []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.load()  # decode now: a truncated file fails here, not later
+                tensors.append(to_tensor(img))
+            ok.append(path)
+        except UnidentifiedImageError:
+            failures.append(Failure(str(path), "not an image file PIL can read"))
+        except (OSError, ValueError) as e:
+            failures.append(Failure(str(path), f"unreadable image ({e})"))
+    return ok, tensors, failures
+
+
+def _batches(paths: Sequence[Path], batch_size: int, progress: bool, what: str) -> Iterator[list[Path]]:
+    chunks = [list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
+    yield from tqdm(chunks, desc=what, unit="batch", disable=not progress or len(chunks) < 2)
+
+
+def _out_names(paths: Sequence[Path]) -> dict[Path, str]:
+    """A distinct file stem per input image (same-named images from different folders get -2, -3…)."""
+    names, used = {}, {}
+    for path in paths:
+        stem = path.stem
+        used[stem] = used.get(stem, 0) + 1
+        names[path] = stem if used[stem] == 1 else f"{stem}-{used[stem]}"
+    return names
+
+
+@torch.no_grad()
+def predict(model: MultimodalModel, tokenizer: object, paths: Sequence[Path], out_dir: Path | None,
+            batch_size: int = 64, max_length: int | None = None, progress: bool = True
+            ) -> tuple[list[dict], list[Failure]]:
+    """Greedy caption, reconstruction MSE and (with ``out_dir``) reconstruction/|difference| PNGs."""
+    device = next(model.parameters()).device
+    records: list[dict] = []
+    failures: list[Failure] = []
+    names = _out_names(paths)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for chunk in _batches(paths, batch_size, progress, "predict"):
+        ok, tensors, bad = _load_images(chunk, model.config)
+        failures += bad
+        if not ok:
+            continue
+        images = torch.stack(tensors).to(device)
+        reconstruction = model.image_decoder(model.image_encoder(images)).float().clamp(0, 1)
+        mse = (reconstruction - images).pow(2).flatten(1).mean(dim=1).tolist()
+        ids = model.generate(images, tokenizer.bos_token_id, tokenizer.eos_token_id, max_length)
+        captions = tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
+        for i, path in enumerate(ok):
+            record = {"path": str(path), "caption": captions[i], "reconstruction_mse": mse[i]}
+            if out_dir is not None:
+                stem = names[path]
+                files = {"reconstruction": out_dir / f"{stem}.reconstruction.png",
+                         "difference": out_dir / f"{stem}.difference.png",
+                         "comparison": out_dir / f"{stem}.comparison.png"}
+                Image.fromarray(to_uint8(reconstruction[i])).save(files["reconstruction"])
+                Image.fromarray(to_uint8((reconstruction[i] - images[i]).abs())).save(files["difference"])
+                Image.fromarray(reconstruction_grid(images[i:i + 1], reconstruction[i:i + 1])).save(
+                    files["comparison"])
+                record.update({k: str(v) for k, v in files.items()})
+            records.append(record)
+    return records, failures
+
+
+@torch.no_grad()
+def embed_images(model: MultimodalModel, paths: Sequence[Path], batch_size: int = 64, progress: bool = True
+                 ) -> tuple[list[Path], Tensor, list[Failure]]:
+    """Unit-norm image latents of the readable ``paths`` (N, latent_dim), in order."""
+    device = next(model.parameters()).device
+    kept: list[Path] = []
+    parts: list[Tensor] = []
+    failures: list[Failure] = []
+    for chunk in _batches(paths, batch_size, progress, "embed images"):
+        ok, tensors, bad = _load_images(chunk, model.config)
+        failures += bad
+        if ok:
+            kept += ok
+            parts.append(F.normalize(model.image_encoder(torch.stack(tensors).to(device)).float(), dim=-1))
+    empty = torch.zeros(0, model.config.latent_dim, device=device)
+    return kept, torch.cat(parts) if parts else empty, failures
+
+
+@torch.no_grad()
+def embed_captions(model: MultimodalModel, tokenizer: object, captions: Sequence[str]) -> Tensor:
+    """Unit-norm caption embeddings in the latent space (N, latent_dim)."""
+    device = next(model.parameters()).device
+    enc = encode(tokenizer, list(captions), model.config.max_caption_length)
+    emb = model.embed_text(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+    return F.normalize(emb.float(), dim=-1)
+
+
+def top_k(query: Tensor, keys: Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """For each query row, the ``k`` most cosine-similar key rows as (index, similarity)."""
+    sim = query @ keys.t()
+    values, indices = sim.topk(min(k, keys.shape[0]), dim=1)
+    return [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """Captions for image->text retrieval: a text file with one per line, or a metadata.jsonl /
+    .csv with a ``caption`` or ``text`` column."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"--captions {str(file)!r}: no such file; give a .txt with one caption per line, "
+                        "or a metadata.jsonl/.csv with a caption or text column")
+    if file.suffix in (".jsonl", ".csv"):
+        import csv
+
+        rows = ([json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+                if file.suffix == ".jsonl" else list(csv.DictReader(file.open())))
+        column = next((c for c in ("caption", "text") if rows and c in rows[0]), None)
+        if column is None:
+            raise UserError(f"--captions {str(file)!r}: no 'caption' or 'text' column")
+        captions = [str(r[column]) for r in rows]
+    else:
+        captions = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    captions = list(dict.fromkeys(captions))  # rank each distinct caption once
+    if not captions:
+        raise UserError(f"--captions {str(file)!r}: holds no captions")
+    return captions

@@ -39,23 +39,21 @@ def test_non_log_steps_do_not_synchronise_the_gpu(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, **{"train.max_steps": 9, "wandb.log_frequency": 4,
                                                "wandb.image_log_frequency": 4, "wandb.mode": "offline"}))
 
-    def allowed(fn):
+    def in_mode(fn, mode, after):
+        """Run ``fn`` with CUDA's sync debug mode at ``mode``, then set it to ``after``."""
         def wrapped(*args, **kwargs):
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(mode)
             try:
                 return fn(*args, **kwargs)
             finally:
-                torch.cuda.set_sync_debug_mode("error")
+                torch.cuda.set_sync_debug_mode(after)
         return wrapped
 
+    def allowed(fn):  # a log step may synchronise; the loop around it may not
+        return in_mode(fn, "default", "error")
+
     def strict(fn):
-        def wrapped(*args, **kwargs):
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        return wrapped
+        return in_mode(fn, "error", "default")
 
     trainer.log_window = allowed(trainer.log_window)
     trainer.media.reconstructions = allowed(trainer.media.reconstructions)

@@ -15,3 +15,7 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError, ValueError):
     """The user's data or folders cannot be used as they are."""
+
+
+class ModelDirError(UserError):
+    """An exported model folder is missing, incomplete, or from an incompatible mmtrain version."""

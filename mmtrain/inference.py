@@ -24,16 +24,12 @@ from tqdm.auto import tqdm
 
 from mmtrain.config import ModelConfig
 from mmtrain.data import image_transform
-from mmtrain.errors import UserError
+from mmtrain.errors import ModelDirError, UserError
 from mmtrain.media import reconstruction_grid, to_uint8
 from mmtrain.model import MultimodalModel
 from mmtrain.tokenizer import encode, load_tokenizer
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-class ModelDirError(UserError):
-    """The model folder is missing, incomplete, or from an incompatible mmtrain version."""
 
 
 @dataclass

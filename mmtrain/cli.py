@@ -185,8 +185,8 @@ def run_retrieve(args: argparse.Namespace) -> int:
     if text_to_image:
         paths, failures = find_images(args.images)
         kept, keys, bad = embed_images(model, paths, args.batch_size, progress)
-        queries, labels, names = args.query, args.query, [str(p) for p in kept]
-        hits = top_k(embed_captions(model, tokenizer, queries), keys, args.top) if kept else [[] for _ in queries]
+        labels, names = args.query, [str(p) for p in kept]
+        hits = top_k(embed_captions(model, tokenizer, labels), keys, args.top) if kept else [[] for _ in labels]
     else:
         captions = read_captions(args.captions)
         paths, failures = find_images(args.image)

@@ -6,12 +6,15 @@ a failing ``log``) degrade to offline or disabled with one warning; ``metrics.js
 written, so no run is ever lost to an outage.
 """
 
+import contextlib
 import json
 import math
 import netrc
 import os
 import re
+import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +76,57 @@ def _slug(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
 
 
+class _NoAnswer(Exception):
+    """A W&B call did not return within its time bound."""
+
+
+def _call_bounded(fn: Callable[[], Any], timeout: float, name: str,
+                  on_late: Callable[[Any], None] | None = None) -> Any:
+    """``fn()`` in a daemon thread, waiting at most ``timeout`` seconds for it.
+
+    Returns its result or raises its exception; raises :class:`_NoAnswer` when it has not returned
+    in time. The thread is a daemon, so a call stuck for good never keeps the process alive. If it
+    returns after we gave up, ``on_late(result)`` runs in that thread: the caller's last word on a
+    result nobody is waiting for any more (a late ``wandb.init`` must not leave a run attached).
+    """
+    lock, outcome = threading.Lock(), {}
+
+    def target() -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as e:  # SystemExit included: it must not escape as if it were ours
+            result, error = None, e
+        with lock:
+            outcome.update(result=result, error=error)
+            late = outcome.get("abandoned", False)
+        if late and error is None and on_late is not None:
+            on_late(result)
+
+    thread = threading.Thread(target=target, name=f"mmtrain-{name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    with lock:  # "too late" is decided under the lock: a result arriving now is either used or given to on_late
+        if "error" not in outcome:
+            outcome["abandoned"] = True
+            raise _NoAnswer(f"no answer after {timeout:g} s")
+    error = outcome["error"]
+    if error is not None:
+        raise error if isinstance(error, Exception) else RuntimeError(_describe(error))
+    return outcome["result"]
+
+
+def _describe(error: BaseException) -> str:
+    """An exception on one line: wandb's messages span several, and a warning is one line to the user."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def _finish_quietly(run: Any) -> None:
+    """Close a run we no longer use. Its failure was already reported; this one would say nothing new."""
+    if run is not None:
+        with contextlib.suppress(Exception):
+            run.finish()
+
+
 class NullTracker:
     """What every non-main rank holds: accepts everything, does nothing."""
 
@@ -90,6 +144,9 @@ class NullTracker:
     def summary(self, values: dict[str, Any]) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -99,7 +156,18 @@ class Tracker(NullTracker):
 
     Records logged at the same step (a training window and an evaluation that ends the same
     optimizer step) are merged into one line, as W&B merges them into one history row.
+
+    W&B failures never stop training: the first failing call (init, log, define_metric, summary,
+    finish) gives one warning and W&B is off from then on; ``metrics.jsonl`` is written regardless.
     """
+
+    # Our own bound on wandb.init is init_timeout plus this: wandb's init_timeout covers its talk
+    # with the server, not the local start-up before it (spawning wandb-core takes seconds on a busy host).
+    init_grace_s = 5.0
+    # An online finish uploads what is left. Everything is already on disk in the run folder, so past
+    # this we stop waiting (`wandb sync` uploads it later) rather than hang the end of the job.
+    finish_timeout_s = 120.0
+    _dropped_run = None  # a run switched off after a failing call; finish() closes it, quietly
 
     def __init__(self, output_dir: Path, cfg: WandbConfig, run_config: dict[str, Any],
                  run_id: str | None = None) -> None:
@@ -115,31 +183,63 @@ class Tracker(NullTracker):
         self.url = getattr(self._run, "url", None) if self.mode == "online" else None
 
     def _init_wandb(self, cfg: WandbConfig, run_config: dict[str, Any], run_id: str | None):  # -> wandb Run | None
+        """A W&B run in ``self.mode``, else offline, else ``None`` (disabled); one warning if not as asked."""
         import wandb
 
+        def start(mode: str):
+            return wandb.init(
+                project=cfg.project, entity=cfg.entity, name=cfg.name, tags=cfg.tags or None,
+                config=run_config, dir=str(self.output_dir), mode=mode, id=run_id,
+                resume="allow" if run_id else None,
+                settings=wandb.Settings(init_timeout=cfg.init_timeout, silent=True, console="off"),
+            )
+
+        timeout = cfg.init_timeout + self.init_grace_s
+        failures = []
         for mode in dict.fromkeys([self.mode, "offline"]):
             try:
-                run = wandb.init(
-                    project=cfg.project, entity=cfg.entity, name=cfg.name, tags=cfg.tags or None,
-                    config=run_config, dir=str(self.output_dir), mode=mode, id=run_id,
-                    resume="allow" if run_id else None,
-                    settings=wandb.Settings(init_timeout=cfg.init_timeout, silent=True, console="off"),
-                )
-                self.mode = mode
-                return run
-            except Exception as e:  # network, auth, timeout: the run must go on without W&B
-                warnings.warn(f"W&B init in {mode} mode failed ({type(e).__name__}: {e}); "
-                              f"{'trying offline' if mode == 'online' else 'W&B disabled, metrics.jsonl only'}.",
-                              stacklevel=2)
+                # A hang inside wandb.init (DNS, a proxy, a wedged wandb-core) must not stall the job,
+                # and wandb's own init_timeout does not cover every wait; so we bound it ourselves.
+                # A late return is finished at once: an active run would otherwise be handed back by
+                # the next wandb.init in this process (wandb's reinit="return_previous" default).
+                run = _call_bounded(lambda mode=mode: start(mode), timeout, "wandb-init", on_late=_finish_quietly)
+            except _NoAnswer as e:
+                # No second attempt: the stuck init still holds wandb's process-wide state (its
+                # singleton setup, the service connection, the active-run slot), and a second
+                # wandb.init would wait on the same state or race it. Disabled is the safe answer.
+                failures.append(f"{mode}: {e}")
+                break
+            except Exception as e:  # network, auth, server timeout: offline needs none of them
+                failures.append(f"{mode}: {_describe(e)}")
+                continue
+            if failures:
+                warnings.warn(f"W&B init failed ({'; '.join(failures)}); logging {mode} instead. "
+                              "Upload later with `wandb sync`.", stacklevel=3)
+            self.mode = mode
+            return run
+        warnings.warn(f"W&B init failed ({'; '.join(failures)}); W&B is disabled for this run, "
+                      "metrics.jsonl has every record.", stacklevel=3)
         self.mode = "disabled"
         return None
+
+    def _drop_wandb(self, what: str, error: Exception) -> None:
+        """The first failing W&B call switches W&B off for the rest of the run, with one warning: a run
+        that failed once is not trusted with more calls, and one line beats one per step."""
+        kept = f"; what it logged so far is in {self.run_dir}" if self.run_dir is not None else ""
+        warnings.warn(f"W&B {what} failed ({_describe(error)}); W&B is off for the rest of this "
+                      f"run{kept}. metrics.jsonl has every record.", stacklevel=3)
+        self._dropped_run, self._run = self._run, None
+        self.mode, self.run_dir, self.url = "disabled", None, None
 
     def define_epoch_metrics(self, keys: list[str]) -> None:
         """Chart these keys (globs allowed) against ``epoch`` instead of the optimizer step."""
         if self._run is not None:
-            self._run.define_metric("epoch")
-            for key in keys:
-                self._run.define_metric(key, step_metric="epoch")
+            try:
+                self._run.define_metric("epoch")
+                for key in keys:
+                    self._run.define_metric(key, step_metric="epoch")
+            except Exception as e:
+                self._drop_wandb("define_metric", e)
 
     def _save_media(self, key: str, value: Any, step: int, index: int | None = None) -> dict[str, Any]:
         """Write an Image as PNG (a Table as JSON with its images as PNGs) under media/; return the
@@ -183,12 +283,21 @@ class Tracker(NullTracker):
             self._flush()
             self._pending = (step, line)
         if self._run is not None:
+            # Not bounded by a thread: run.log only hands the record to wandb's local service process,
+            # so it fails fast rather than hangs, and a thread per step would cost more than it guards.
             try:
                 self._run.log(self._to_wandb(record, files) if files else record, step=step)
             except Exception as e:
-                warnings.warn(f"W&B log failed ({type(e).__name__}: {e}); continuing with metrics.jsonl only.",
-                              stacklevel=2)
-                self._run = None
+                self._drop_wandb("log", e)
+
+    def flush(self) -> None:
+        """Write the pending line and make metrics.jsonl durable (before a checkpoint is committed,
+        so that a checkpoint never refers to steps whose lines could still be lost). No record for
+        the flushed step may follow: it would become a second line for that step."""
+        self._flush()
+        if self.jsonl_path.exists():
+            with self.jsonl_path.open("a") as f:
+                os.fsync(f.fileno())
 
     def _flush(self) -> None:
         if self._pending is None:
@@ -201,15 +310,53 @@ class Tracker(NullTracker):
 
     def summary(self, values: dict[str, Any]) -> None:
         if self._run is not None:
-            self._run.summary.update(values)
+            try:
+                self._run.summary.update(values)
+            except Exception as e:
+                self._drop_wandb("summary", e)
         (self.output_dir / "summary.json").write_text(json.dumps({k: _jsonable(v) for k, v in values.items()},
                                                                  indent=2))
 
     def finish(self) -> None:
         self._flush()
-        if self._run is not None:
-            self._run.finish()
-            self._run = None
+        run, self._run = self._run, None
+        if run is not None:
+            try:
+                _call_bounded(run.finish, self.finish_timeout_s, "wandb-finish")
+            except Exception as e:
+                where = self.run_dir
+                warnings.warn(f"W&B finish failed ({_describe(e)}); the run's files are in {where}, "
+                              f"upload them with `wandb sync {where}`. metrics.jsonl has every record.",
+                              stacklevel=2)
+        # Close a run dropped after a failure (already warned about), so it is complete on disk and no
+        # later wandb.init in this process gets it back; bounded too, in case closing it is what hangs.
+        dropped, self._dropped_run = self._dropped_run, None
+        if dropped is not None:
+            with contextlib.suppress(_NoAnswer):
+                _call_bounded(lambda: _finish_quietly(dropped), self.finish_timeout_s, "wandb-finish")
+
+
+def keep_metrics_until(path: Path, last_step: int) -> int:
+    """Resuming from the checkpoint of ``last_step``: drop the lines the interrupted run wrote for
+    later steps (they are trained again), and a line torn by the kill. Returns the lines dropped.
+    Rewritten atomically, so a crash here loses nothing."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if step <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+    return dropped
 
 
 def build_tracker(is_main: bool, output_dir: Path, cfg: WandbConfig, run_config: dict[str, Any],

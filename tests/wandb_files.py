@@ -43,6 +43,11 @@ def _payloads(data: bytes):
 
 def read_run(path: Path) -> dict:
     """{"run_id", "config": {key: value}, "history": [{key: value}], "summary": {key: value}}."""
+    import wandb
+
+    # run.finish() returns before wandb-core has written the file out; teardown waits for it (a
+    # process exit does the same, so only a reader in the training process needs this).
+    wandb.teardown()
     run = {"run_id": None, "config": {}, "history": [], "summary": {}}
     for payload in _payloads(Path(path).read_bytes()):
         record = pb.Record()

@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Sequence
 
 from mmtrain.config import SECTIONS, help_lines, load_config
-from mmtrain.errors import UserError
+from mmtrain.errors import TrainingError, UserError
 
 EXAMPLES = """examples:
   mmtrain train --config configs/laptop.yaml
@@ -239,11 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return {"train": run_train, "predict": run_predict, "retrieve": run_retrieve,
                 "export-data": run_export_data}[args.command](args)
-    except UserError as e:
+    except (UserError, TrainingError) as e:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}mmtrain: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return 2 if isinstance(e, UserError) else 1
 
 
 if __name__ == "__main__":

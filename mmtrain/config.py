@@ -106,11 +106,13 @@ class DataConfig:
         None, "Where the synthetic dataset is cached; null means $MMTRAIN_CACHE or ~/.cache/mmtrain.")
     num_workers: int = _f(2, "DataLoader worker processes per rank (0 = load in the training process).")
     min_word_frequency: int = _f(1, "Words seen fewer times in the training captions map to [UNK].")
+    skip_bad_samples: bool = _f(False, "Skip unreadable images (counted and reported) instead of stopping.")
 
     def __post_init__(self) -> None:
         s = "data"
         if self.source in ("imagefolder", "disk", "hub"):
-            _require(bool(self.path), s, "path", f"is required when data.source is {self.source!r}", self.path)
+            _require(bool(self.path), s, "path", f"is required when data.source is {self.source!r}; pass "
+                     f"--data.path {'NAME' if self.source == 'hub' else 'FOLDER'}", self.path)
         if self.source in ("imagefolder", "disk") and self.path:
             _require(Path(self.path).expanduser().is_dir(), s, "path",
                      "must be an existing folder; check the path or set data.source", self.path)
@@ -161,6 +163,15 @@ class TrainConfig:
     eval_batch_size: int = _f(0, "Samples per device in evaluation; 0 means train.batch_size.")
     cpu: bool = _f(False, "Train on CPU even if a GPU is present.")
     overwrite: bool = _f(False, "Replace the outputs of an earlier run in output_dir instead of refusing to start.")
+    resume: str = _f(
+        "none", "auto: continue from the newest complete checkpoint in output_dir/checkpoints (start fresh if "
+        "there is none); a checkpoint folder path: continue from it; none: start a new run.")
+    requeue: bool = _f(
+        True, "Under SLURM, after saving on SIGUSR1, requeue the job (scontrol requeue) so that it continues "
+              "with train.resume auto.")
+    max_nonfinite_steps: int = _f(
+        5, "Stop the run after this many consecutive optimizer steps with a non-finite loss or gradient "
+           "(each such step is skipped: weights and optimizer state are left unchanged).")
     progress_bar: bool = _f(True, "Show a tqdm bar on the main process.")
 
     def __post_init__(self) -> None:
@@ -172,6 +183,21 @@ class TrainConfig:
         _require(self.gradient_accumulation_steps > 0, s, "gradient_accumulation_steps", "must be > 0",
                  self.gradient_accumulation_steps)
         _require(self.eval_batch_size >= 0, s, "eval_batch_size", "must be >= 0", self.eval_batch_size)
+        _require(bool(self.resume), s, "resume", "must be auto, none or a checkpoint folder", self.resume)
+        _require(self.max_nonfinite_steps > 0, s, "max_nonfinite_steps", "must be > 0", self.max_nonfinite_steps)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _f(0, "Also save every this many optimizer steps (0 = only at the end of each epoch).")
+    every_minutes: float = _f(0.0, "Also save when this many minutes have passed since the last save (0 = off).")
+    keep_last: int = _f(3, "Complete checkpoints to keep in output_dir/checkpoints; older ones are deleted.")
+
+    def __post_init__(self) -> None:
+        s = "checkpoint"
+        _require(self.every_steps >= 0, s, "every_steps", "must be >= 0", self.every_steps)
+        _require(self.every_minutes >= 0, s, "every_minutes", "must be >= 0", self.every_minutes)
+        _require(self.keep_last >= 1, s, "keep_last", "must be >= 1", self.keep_last)
 
 
 @dataclass
@@ -203,18 +229,23 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def dump(self, path: str | Path) -> None:
         """Write the resolved config as YAML; ``--config`` on that file reproduces this run."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
 
 
 SECTIONS: dict[str, type] = {
-    "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "wandb": WandbConfig}
+    "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+    "checkpoint": CheckpointConfig, "wandb": WandbConfig}
 
 
 def iter_fields() -> typing.Iterator[tuple[str, dataclasses.Field, Any]]:

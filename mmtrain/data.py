@@ -3,11 +3,19 @@
 Every source ends as two ``datasets.Dataset`` objects with the columns ``image`` and ``caption``.
 Decoding, resizing and tokenizing happen lazily in ``with_transform``, inside DataLoader workers,
 so nothing is materialised twice and start-up stays fast.
+
+User data is checked once, before training: every image of the user's sources is fully decoded
+(a bad file would otherwise stop the run mid-epoch inside a DataLoader worker, hours in). The
+check is a ``datasets.map`` and so is cached by fingerprint: a second run on the same data is free.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +25,63 @@ from torchvision.transforms import v2
 
 from mmtrain.config import DataConfig, ModelConfig
 from mmtrain.errors import DataError
+from mmtrain.resilience import ignore_stop_signals
 from mmtrain.tokenizer import encode
 
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
+
+# Below this many images one process checks them; above, the check is worth datasets' worker pool.
+PARALLEL_CHECK_ROWS = 10_000
+# How many unreadable samples an error or warning names before "and N more".
+NAMED_BAD_SAMPLES = 3
+
+
+@dataclass
+class Splits:
+    """What ``load_splits`` returns. Unpacks as ``train, val``; ``skipped`` names the samples whose
+    image could not be read and that ``data.skip_bad_samples`` dropped (empty otherwise)."""
+
+    train: Any
+    val: Any
+    skipped: tuple[str, ...] = ()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.train, self.val))
+
+
+def _require_image_files(folder: Path, cfg: DataConfig) -> None:
+    """An imagefolder without images loads as metadata rows pointing at nothing (or fails with a
+    message about 'data files'); say what the folder must hold instead."""
+    from PIL import Image
+
+    extensions = set(Image.registered_extensions())  # the list datasets' ImageFolder is built from
+    if any(p.suffix.lower() in extensions for p in folder.rglob("*") if p.is_file()):
+        return
+    found = sorted(p.name for p in folder.iterdir())
+    holds = f"it holds only {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else "it is empty"
+    raise DataError(f"data.path={cfg.path!r}: no image files in this folder ({holds}); an imagefolder must hold "
+                    f"the images (.png, .jpg, ...) plus metadata.jsonl or metadata.csv with a file_name column "
+                    f"and a {cfg.caption_column!r} column (data.caption_column)")
+
+
+def _metadata_problem(folder: Path, caption_column: str) -> str | None:
+    """The first line of a metadata.jsonl that datasets cannot read into a caption column, named by
+    file and line: pyarrow's own message gives neither (e.g. 'changed from string to number in row 1')."""
+    for meta in sorted(folder.rglob("metadata.jsonl")):
+        for n, line in enumerate(meta.read_text(errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"{meta}: line {n} is not valid JSON ({e.msg}); write one JSON object per line"
+            if not isinstance(record, dict):
+                return f"{meta}: line {n} is not a JSON object; write one {{\"file_name\": ..., ...}} per line"
+            caption = record.get(caption_column)
+            if caption is not None and not isinstance(caption, str):
+                return (f"{meta}: line {n}: {caption_column!r} is {caption!r}, not a string; every caption "
+                        f"must be a JSON string (write \"{caption}\" in quotes)")
+    return None
 
 
 def _load_raw(cfg: DataConfig, image_size: int) -> Any:
@@ -31,6 +93,8 @@ def _load_raw(cfg: DataConfig, image_size: int) -> Any:
         return synthetic_dataset(cfg.synthetic_train_size, cfg.synthetic_val_size, image_size,
                                  cfg.synthetic_seed, cfg.resolved_cache_dir())
     path = str(Path(cfg.path).expanduser()) if cfg.source != "hub" else cfg.path
+    if cfg.source == "imagefolder":
+        _require_image_files(Path(path), cfg)
     try:
         if cfg.source == "imagefolder":
             return datasets.load_dataset("imagefolder", data_dir=path)
@@ -38,6 +102,9 @@ def _load_raw(cfg: DataConfig, image_size: int) -> Any:
             return datasets.load_from_disk(path)
         return datasets.load_dataset(path)
     except Exception as e:  # datasets raises many types; the user needs the reason, not the stack
+        problem = _metadata_problem(Path(path), cfg.caption_column) if cfg.source == "imagefolder" else None
+        if problem:
+            raise DataError(problem) from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = {
             "imagefolder": "it must hold image files plus metadata.jsonl or metadata.csv with a file_name column",
@@ -48,25 +115,38 @@ def _load_raw(cfg: DataConfig, image_size: int) -> Any:
         raise DataError(f"data.path={cfg.path!r}: could not load it as {cfg.source} ({reason}); {hint}") from None
 
 
-def _split(raw: Any, cfg: DataConfig) -> tuple[Any, Any]:
-    import datasets
-
-    if isinstance(raw, datasets.Dataset):
-        raw = datasets.DatasetDict({cfg.train_split: raw})
+def _split_names(raw: Any, cfg: DataConfig) -> tuple[str, str | None]:
+    """(train split, validation split), or None for the latter when it is to be held out of train."""
     if cfg.train_split not in raw:
         raise DataError(f"data.train_split={cfg.train_split!r} is not in the dataset (splits: {', '.join(raw)})")
     if cfg.val_split is not None:
         if cfg.val_split not in raw:
             raise DataError(f"data.val_split={cfg.val_split!r} is not in the dataset (splits: {', '.join(raw)})")
-        return raw[cfg.train_split], raw[cfg.val_split]
-    for name in VAL_SPLIT_NAMES:
-        if name in raw and name != cfg.train_split:
-            return raw[cfg.train_split], raw[name]
-    if len(raw[cfg.train_split]) < 2:
-        raise DataError(f"data.path={cfg.path!r}: the train split has {len(raw[cfg.train_split])} sample(s); "
+        return cfg.train_split, cfg.val_split
+    return cfg.train_split, next((n for n in VAL_SPLIT_NAMES if n in raw and n != cfg.train_split), None)
+
+
+def _hold_out(train: Any, cfg: DataConfig) -> tuple[Any, Any]:
+    if len(train) < 2:
+        raise DataError(f"data.path={cfg.path!r}: the train split has {len(train)} sample(s); "
                         "cannot hold out a validation split")
-    parts = raw[cfg.train_split].train_test_split(test_size=cfg.val_fraction, seed=cfg.split_seed, shuffle=True)
+    parts = train.train_test_split(test_size=cfg.val_fraction, seed=cfg.split_seed, shuffle=True)
     return parts["train"], parts["test"]
+
+
+def _sample_names(ds: Any, rows: list[int], split: str, cfg: DataConfig) -> list[str]:
+    """How to point the user at samples: the file for an imagefolder, else split and row (plus the
+    file name the dataset recorded, when it has one)."""
+    import datasets
+
+    values = ds.cast_column("image", datasets.Image(decode=False)).select(rows)["image"] \
+        if isinstance(ds.features["image"], datasets.Image) else [None] * len(rows)
+    names = []
+    for row, value in zip(rows, values, strict=True):
+        path = value.get("path") if isinstance(value, dict) else None
+        names.append(path if cfg.source == "imagefolder" and path else
+                     f"split {split} row {row}" + (f" ({path})" if path else ""))
+    return names
 
 
 def _standardise(ds: Any, cfg: DataConfig, split: str) -> Any:
@@ -82,20 +162,106 @@ def _standardise(ds: Any, cfg: DataConfig, split: str) -> Any:
         ds = ds.rename_columns(renames)
     for i, caption in enumerate(ds["caption"]):
         if not isinstance(caption, str) or not caption.strip():
-            raise DataError(f"{where}: caption of row {i} in column {cfg.caption_column!r} is "
-                            f"{'empty' if isinstance(caption, str) else 'not a string: ' + repr(caption)}; "
-                            "every sample needs a non-empty text caption")
+            what = "empty" if isinstance(caption, str) else f"not a string: {caption!r}"
+            if cfg.source == "imagefolder":  # the image file is what the user can find in the metadata
+                (image_file,) = _sample_names(ds, [i], split, cfg)
+                raise DataError(f"{image_file}: its caption ({cfg.caption_column!r} in the metadata) is {what}; "
+                                "every image needs a non-empty text caption: fix its metadata line or remove it")
+            raise DataError(f"{where}: caption of row {i} in column {cfg.caption_column!r} is {what}; "
+                            "every sample needs a non-empty text caption: fix or remove that row")
     return ds
 
 
-def load_splits(data: DataConfig, model: ModelConfig) -> tuple[Any, Any]:
-    """(train, validation) datasets with columns ``image`` and ``caption``."""
+def _decode_errors(images: list[Any]) -> dict[str, list[str]]:
+    """For a batch of undecoded images: '' for each that decodes fully, else why it does not.
+
+    Module-level and pure so that datasets can hash it: the map result is then cached under a
+    fingerprint of the data and this code, and a second run reuses it.
+    """
+    import datasets
+    from PIL import UnidentifiedImageError
+
+    errors = []
+    for value in images:
+        try:
+            # datasets' own decoder (local file, bytes or hub path, as training will read it), then
+            # load(): opening reads only the header, only a full decode finds a truncated file.
+            image = datasets.Image().decode_example(value)
+            image.load()
+            image.close()
+            errors.append("")
+        except UnidentifiedImageError:
+            errors.append("not an image file PIL can read")
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+            text = getattr(e, "strerror", None) or str(e).strip()  # strerror: the reason without the path
+            errors.append(text.splitlines()[0] if text else type(e).__name__)
+    return {"error": errors}
+
+
+def _unreadable_images(ds: Any, split: str, cfg: DataConfig) -> list[tuple[int, str]]:
+    """(row, reason) for every sample of ``ds`` whose image does not decode."""
+    import datasets
+
+    if not isinstance(ds.features["image"], datasets.Image):
+        raise DataError(f"data ({cfg.source}, {cfg.path}, split {split}): column {cfg.image_column!r} "
+                        f"(data.image_column) holds {ds.features['image']}, not images; set --data.image_column "
+                        "to the image column")
+    # decode=False hands the map raw bytes/paths, so that one bad file is one row's error string
+    # rather than an exception that stops the whole batch; ``ds`` itself keeps decoding.
+    raw = ds.cast_column("image", datasets.Image(decode=False))
+    checked = raw.map(_decode_errors, batched=True, input_columns="image", remove_columns=raw.column_names,
+                      num_proc=min(os.cpu_count() or 1, 8) if len(ds) >= PARALLEL_CHECK_ROWS else None,
+                      desc=f"checking {split} images")
+    return [(row, error) for row, error in enumerate(checked["error"]) if error]
+
+
+def _drop_unreadable(parts: dict[str, Any], cfg: DataConfig) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Check every image of each split: stop naming the first few that cannot be read, or, with
+    data.skip_bad_samples, drop them all with one warning. Returns the parts and the dropped names."""
+    bad = {split: _unreadable_images(ds, split, cfg) for split, ds in parts.items()}
+    if not any(bad.values()):
+        return parts, ()
+    names, reasons = [], []
+    for split, rows in bad.items():
+        names += _sample_names(parts[split], [row for row, _ in rows], split, cfg)
+        reasons += [reason for _, reason in rows]
+    total = sum(len(ds) for ds in parts.values())
+    more = f" and {len(names) - NAMED_BAD_SAMPLES} more" if len(names) > NAMED_BAD_SAMPLES else ""
+    if not cfg.skip_bad_samples:
+        listed = ", ".join(f"{n} ({r})" for n, r in zip(names[:NAMED_BAD_SAMPLES], reasons, strict=False))
+        what = "files" if cfg.source == "imagefolder" else "samples"
+        raise DataError(f"data.path={cfg.path!r}: {len(names)} of {total} images cannot be read: {listed}{more}; "
+                        f"remove or replace these {what}, or pass --data.skip_bad_samples true to skip them")
+    if os.environ.get("RANK", "0") == "0":  # every rank loads the data; one report per run is enough
+        warnings.warn(f"data.skip_bad_samples: skipped {len(names)} of {total} samples whose image cannot be "
+                      f"read: {', '.join(names[:NAMED_BAD_SAMPLES])}{more}", stacklevel=3)
+    for split, rows in bad.items():
+        if rows:
+            drop = {row for row, _ in rows}
+            parts[split] = parts[split].select([i for i in range(len(parts[split])) if i not in drop])
+    return parts, tuple(names)
+
+
+def load_splits(data: DataConfig, model: ModelConfig) -> Splits:
+    """(train, validation) datasets with columns ``image`` and ``caption``, as a ``Splits``."""
+    import datasets
+
     raw = _load_raw(data, model.image_size)
-    train, val = _split(raw, data)
-    train, val = _standardise(train, data, "train"), _standardise(val, data, "validation")
+    if isinstance(raw, datasets.Dataset):
+        raw = datasets.DatasetDict({data.train_split: raw})
+    train_name, val_name = _split_names(raw, data)
+    # Checked before any hold-out split, so that a row index in a message is the row in the user's split.
+    parts = {name: _standardise(raw[name], data, name) for name in (train_name, val_name) if name is not None}
+    skipped: tuple[str, ...] = ()
+    if data.source != "synthetic":  # we draw the synthetic images ourselves; the user's could be anything
+        parts, skipped = _drop_unreadable(parts, data)
+    train = parts[train_name]
+    train, val = (train, parts[val_name]) if val_name is not None else _hold_out(train, data)
     if len(train) == 0 or len(val) == 0:
-        raise DataError(f"data: the {'train' if len(train) == 0 else 'validation'} split is empty")
-    return train, val
+        split = "train" if len(train) == 0 else "validation"
+        why = f" after skipping {len(skipped)} unreadable image(s)" if skipped else ""
+        raise DataError(f"data.path={data.path!r}: the {split} split is empty{why}")
+    return Splits(train, val, skipped)
 
 
 def image_transform(model: ModelConfig) -> Callable[[Any], torch.Tensor]:
@@ -138,6 +304,7 @@ def build_dataloader(ds: Any, tokenizer: Any, model: ModelConfig, batch_size: in
         pin_memory=pin_memory,
         generator=generator,
         drop_last=False,
+        worker_init_fn=ignore_stop_signals,
     )
 
 

@@ -19,3 +19,13 @@ class DataError(UserError, ValueError):
 
 class ModelDirError(UserError):
     """An exported model folder is missing, incomplete, or from an incompatible mmtrain version."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (out of memory, persistent non-finite steps). Not the user's input,
+    but not a bug either: the CLI prints it as one line with the fix and exits 1. Checkpoints
+    already written are left as they are."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint to resume from is missing, incomplete, unsafe to load, or from a different run."""

@@ -41,6 +41,21 @@ class Window:
         self.data_wait = 0.0
         self.started = time.perf_counter()
 
+    _TENSORS = ("loss_sum", "sample_sums", "sample_maxes", "grad_sums", "grad_norm_max", "last_clip_coef")
+    _COUNTS = ("micro_batches", "optimizer_steps", "samples", "skipped_steps", "data_wait")
+
+    def state_dict(self) -> dict[str, object]:
+        """For checkpoints: a resumed run continues the window instead of logging a partial one."""
+        return {**{k: getattr(self, k).cpu() for k in self._TENSORS}, **{k: getattr(self, k) for k in self._COUNTS},
+                "elapsed": time.perf_counter() - self.started}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        for k in self._TENSORS:
+            setattr(self, k, state[k].to(self.device))
+        for k in self._COUNTS:
+            setattr(self, k, state[k])
+        self.started = time.perf_counter() - state["elapsed"]  # the time spent down is not step time
+
     def add_micro_batch(self, losses: dict[str, Tensor], batch_size: int,
                         stats: tuple[Tensor, Tensor] | None = None) -> None:
         self.loss_sum += torch.stack([losses[k].detach() for k in LOSS_NAMES]).double()

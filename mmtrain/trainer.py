@@ -2,13 +2,16 @@
 
 Data flow of one optimizer step: batch -> ``model(batch)`` -> ``(losses, outputs)`` ->
 ``accelerator.backward`` inside ``accelerator.accumulate`` -> on the sync micro-batch:
-``clip_grad_norm_`` (pre-clip norm kept on device) -> optimizer and scheduler step -> on a log
-step only: one reduce + one gather + one host copy, then ``tracker.log`` (main process only).
+``clip_grad_norm_`` (pre-clip norm kept on device) -> non-finite guard (on device) -> optimizer
+and scheduler step -> on a log step only: one reduce + one gather + one host copy, then
+``tracker.log`` (main process only) -> at the step boundary: the ranks agree on stop/save flags
+(host only) and a checkpoint is written when one is due.
 """
 
 import dataclasses
 import math
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -16,38 +19,80 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from accelerate import skip_first_batches
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from mmtrain.checkpoint import Checkpointer, export_model, model_card
-from mmtrain.config import Config
+from mmtrain.checkpoint import Checkpointer, TrainingObjects, export_model, model_card, restore_rng, write_atomic
+from mmtrain.config import Config, read_yaml
 from mmtrain.data import build_dataloader, fixed_batch, load_splits
 from mmtrain.distributed import build_accelerator, print_main
-from mmtrain.errors import ConfigError, DataError
+from mmtrain.errors import CheckpointError, ConfigError, DataError, TrainingError
 from mmtrain.hardware import HardwareMonitor
 from mmtrain.media import MediaLogger, NullMediaLogger
 from mmtrain.metrics import MAX_FIELDS, SUM_FIELDS, grad_stats, retrieval_recall, sample_stats, summarize
 from mmtrain.model import LOSS_NAMES, MultimodalModel
 from mmtrain.optim import build_optimizer, build_scheduler, optimizer_steps
+from mmtrain.resilience import (
+    NonFiniteGuard,
+    StepAgreement,
+    StopSignals,
+    is_out_of_memory,
+    memory_figures,
+    print_event,
+    requeue_slurm_job,
+)
 from mmtrain.telemetry import Window, combine, gather_rows, gradient_detail, hardware_record
-from mmtrain.tokenizer import build_tokenizer
-from mmtrain.tracking import build_tracker
+from mmtrain.tokenizer import build_tokenizer, load_tokenizer
+from mmtrain.tracking import build_tracker, keep_metrics_until
 
 # Logged once per epoch and charted against `epoch` (W&B define_metric).
 EPOCH_METRICS = ["val/*", "epoch_train_loss_avg", "epoch_val_loss_avg", "val_train_loss_ratio",
                  "image_caption_loss_ratio", "gradient_norm_trend", "latent_std_trend"]
 
 # Files a previous run leaves in output_dir; their presence means "this folder holds a run".
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "model", "wandb")
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "model", "wandb", "media")
+
+# Config fields a resumed run must share with its checkpoint, or it would not be the same run:
+# they fix the model, the data and its order, and what one optimizer step is.
+SAME_RUN_FIELDS = ("model.", "data.", "train.batch_size", "train.gradient_accumulation_steps", "train.seed")
+# Data fields that change nothing about the samples or their order.
+DATA_LOGISTICS = ("data.num_workers", "data.cache_dir")
 
 
 @dataclasses.dataclass
 class TrainState:
+    """Everything about the run's progress that a checkpoint must carry (train_state.json)."""
+
     optimizer_step: int = 0
-    epoch: int = 0
+    epoch: int = 0                 # epochs completed
+    batches_in_epoch: int = 0      # micro-batches of epoch `epoch` already trained on, per rank
     samples_seen: int = 0
     best_val_loss: float = math.inf
     best_val_epoch: int = -1
+    nonfinite_steps: int = 0
+    consecutive_nonfinite_steps: int = 0
+    train_time_seconds: float = 0.0
+    wandb_run_id: str | None = None
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{k}": v for section, values in config.items() for k, v in (values or {}).items()}
+
+
+def config_differences(saved: dict[str, Any], current: Config) -> tuple[list[str], list[str]]:
+    """(fields that make it a different run, other changed fields), as ``name: saved -> now``."""
+    old, new = _flatten(saved), _flatten(current.to_dict())
+    blocking, other = [], []
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(("train.resume", "train.overwrite", "train.progress_bar", "train.output_dir")):
+            continue
+        if old.get(key) != new.get(key):
+            line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            same_run = key.startswith(SAME_RUN_FIELDS) and key not in DATA_LOGISTICS
+            (blocking if same_run else other).append(line)
+    return blocking, other
 
 
 class Trainer:
@@ -57,14 +102,24 @@ class Trainer:
         self.output_dir = Path(cfg.train.output_dir).expanduser()
         self.state = TrainState()
         set_seed(cfg.train.seed)
-        self._prepare_output_dir()
+        self.checkpointer = Checkpointer(self.accelerator, self.output_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self.resume_from = self.checkpointer.find_resume(cfg.train.resume)
+        if self.resume_from is not None:
+            self._check_same_run(self.resume_from)
+        # Everything the user gave us is validated before output_dir is touched, so a bad input
+        # never costs an earlier run its files.
         self._build_data()
         self._build_model()
         self._build_optimization()
-        self.checkpointer = Checkpointer(self.accelerator, self.output_dir / "checkpoints")
-        self._build_telemetry()
+        self._build_guards()
         self.last_train: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
+        rank_state = self._restore(self.resume_from) if self.resume_from is not None else None
+        self._prepare_output_dir()
+        self._build_telemetry()
+        if rank_state is not None:
+            # Last, so that nothing set-up does (W&B, media) moves the RNG streams the steps use.
+            restore_rng(rank_state["rng"])
         self.progress = tqdm(total=self.total_steps, initial=self.state.optimizer_step, desc="train", unit="step",
                              disable=not (self.accelerator.is_main_process and cfg.train.progress_bar),
                              dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)  # short job logs
@@ -73,11 +128,12 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         self.telemetry = cfg.wandb.telemetry
         self.hardware = HardwareMonitor(acc.device)
-        self.window, self.epoch_window = Window(acc.device), Window(acc.device)
         self.grad_detail = torch.zeros(0)
         model = acc.unwrap_model(self.model)
         self.module_params = {name: list(child.parameters()) for name, child in model.named_children()}
-        self.tracker = build_tracker(acc.is_main_process, self.output_dir, cfg.wandb, self.run_config())
+        self.tracker = build_tracker(acc.is_main_process, self.output_dir, cfg.wandb, self.run_config(),
+                                     run_id=self.state.wandb_run_id)
+        self.state.wandb_run_id = self.tracker.run_id or self.state.wandb_run_id
         self.tracker.define_epoch_metrics(EPOCH_METRICS)
         self.media = NullMediaLogger()
         if acc.is_main_process and cfg.wandb.media_samples > 0:
@@ -85,35 +141,72 @@ class Trainer:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             self.media = MediaLogger(model, batch, self.tokenizer, self.tracker, acc.autocast)
 
+    def _build_guards(self) -> None:
+        acc = self.accelerator
+        self.window, self.epoch_window = Window(acc.device), Window(acc.device)
+        self.guard = NonFiniteGuard(acc.device, acc.num_processes)
+        self.agreement = StepAgreement(acc.num_processes)
+        self.signals = StopSignals()
+        self.last_saved_step = -1
+        self.last_save_time = time.monotonic()
+
     # ----------------------------------------------------------------------------------- building
 
+    def _check_same_run(self, path: Path) -> None:
+        saved = read_yaml(path / "config.yaml")
+        blocking, other = config_differences(saved, self.cfg)
+        if blocking:
+            raise CheckpointError(
+                f"train.resume: {path} belongs to a different run; these fields differ (checkpoint -> now): "
+                f"{'; '.join(blocking)}. Resume with the checkpoint's config ({path / 'config.yaml'}), "
+                "or start a new run with another --train.output_dir (or --train.resume none --train.overwrite true)")
+        if other:
+            print_main(self.accelerator, f"mmtrain: resuming {path} with changed settings: {'; '.join(other)}")
+
     def _prepare_output_dir(self) -> None:
-        acc, out = self.accelerator, self.output_dir
+        acc, out, cfg = self.accelerator, self.output_dir, self.cfg
         existing = [name for name in RUN_OUTPUTS if (out / name).exists()]
-        if existing and not self.cfg.train.overwrite:
+        resuming_here = self.resume_from is not None and self.resume_from.parent == out / "checkpoints"
+        if resuming_here:
+            existing = []  # this run's own files: kept, and metrics.jsonl is cut back to the checkpoint
+            if acc.is_main_process:
+                dropped = keep_metrics_until(out / "metrics.jsonl", self.state.optimizer_step)
+                print_main(acc, f"mmtrain: {dropped} metrics.jsonl line(s) after the checkpoint will be trained again")
+        elif existing and cfg.train.resume == "auto" and (out / "config.yaml").is_file() and \
+                not config_differences(read_yaml(out / "config.yaml"), cfg)[0]:
+            # `auto` with no checkpoint yet: the same run died before its first save. Start it over,
+            # keeping its W&B files (a record of the attempt; they are not this run's any more).
+            existing = [name for name in existing if name != "wandb"]
+        elif existing and not cfg.train.overwrite:
             raise ConfigError(f"train.output_dir={str(out)!r} already holds a run ({', '.join(existing)}); "
-                            "choose another --train.output_dir or pass --train.overwrite true to replace it")
-        acc.wait_for_everyone()  # every rank has looked before the main rank clears anything
+                              "choose another --train.output_dir, continue it with --train.resume auto, or pass "
+                              "--train.overwrite true to replace it")
+        acc.wait_for_everyone()  # every rank has looked before the main rank changes anything
         if acc.is_main_process:
             for name in existing:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             out.mkdir(parents=True, exist_ok=True)
-            self.cfg.dump(out / "config.yaml")
+            write_atomic(out / "config.yaml", cfg.to_yaml())
         acc.wait_for_everyone()
 
     def _build_data(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         # The main rank draws/caches the synthetic set or downloads first; the others then read it.
         with acc.main_process_first():
-            train_ds, val_ds = load_splits(cfg.data, cfg.model)
+            splits = load_splits(cfg.data, cfg.model)
+        train_ds, val_ds = splits
+        self.skipped_samples = len(splits.skipped)  # data.skip_bad_samples: reported in the run config
         global_batch = cfg.train.batch_size * acc.num_processes
         if len(train_ds) < global_batch:
             raise DataError(f"the training split has {len(train_ds)} samples, fewer than one global batch "
                             f"(train.batch_size={cfg.train.batch_size} x {acc.num_processes} processes); "
                             "lower train.batch_size or add data")
-        self.tokenizer = build_tokenizer(train_ds["caption"], cfg.model.max_caption_length,
-                                         cfg.data.min_word_frequency)
+        if self.resume_from is not None:  # the vocabulary the checkpoint's embedding rows belong to
+            self.tokenizer = load_tokenizer(self.resume_from / "tokenizer")
+        else:
+            self.tokenizer = build_tokenizer(train_ds["caption"], cfg.model.max_caption_length,
+                                             cfg.data.min_word_frequency)
         self.train_samples, self.val_samples = len(train_ds), len(val_ds)
         self.val_dataset = val_ds
         pin = acc.device.type == "cuda"
@@ -127,7 +220,7 @@ class Trainer:
         vocab = len(self.tokenizer)
         if self.cfg.model.vocab_size not in (0, vocab):
             raise ConfigError(f"model.vocab_size={self.cfg.model.vocab_size} but the tokenizer built from the "
-                            f"training captions has {vocab} tokens; leave model.vocab_size at 0")
+                              f"training captions has {vocab} tokens; leave model.vocab_size at 0")
         self.model_config = dataclasses.replace(self.cfg.model, vocab_size=vocab)
         self.model = MultimodalModel(self.model_config)
         self.total_parameters = self.model.num_parameters()
@@ -142,8 +235,26 @@ class Trainer:
             len(self.train_loader), cfg.train.gradient_accumulation_steps, cfg.train.epochs, cfg.train.max_steps)
         # Not prepared: a prepared scheduler steps once per process per optimizer step.
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
-        acc.register_for_checkpointing(self.scheduler)
         self.max_grad_norm = cfg.optim.max_grad_norm or math.inf  # inf: measure the norm, never clip
+
+    def training_objects(self) -> TrainingObjects:
+        return TrainingObjects(self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler,
+                               self.accelerator.scaler, self.tokenizer, self.cfg)
+
+    def _restore(self, path: Path) -> dict[str, Any]:
+        """Load the checkpoint into the prepared objects; the run continues exactly where it was."""
+        meta, rank = self.checkpointer.load(path, self.training_objects(), self.accelerator.device)
+        fields = {f.name for f in dataclasses.fields(TrainState)}
+        self.state = TrainState(**{k: v for k, v in meta.items() if k in fields})
+        self.last_train, self.last_val = meta.get("last_train", {}), meta.get("last_val", {})
+        self.guard.load_state_dict(meta)
+        self.window.load_state_dict(rank["window"])
+        self.epoch_window.load_state_dict(rank["epoch_window"])
+        self.last_saved_step = self.state.optimizer_step
+        state = self.state
+        print_main(self.accelerator, f"mmtrain: resuming from {path} (optimizer step {state.optimizer_step}, "
+                   f"epoch {state.epoch} + {state.batches_in_epoch} batches)")
+        return rank
 
     def run_config(self) -> dict[str, Any]:
         """The resolved config plus derived values, and the guide's flat names for easy charting."""
@@ -158,6 +269,7 @@ class Trainer:
             "effective_batch_size": per_device * acc.num_processes * cfg.train.gradient_accumulation_steps,
             "train_samples": self.train_samples,
             "val_samples": self.val_samples,
+            "skipped_bad_samples": self.skipped_samples,
             "vocab_size": self.model_config.vocab_size,
             "total_parameters": self.total_parameters,
             "steps_per_epoch": self.steps_per_epoch,
@@ -180,24 +292,43 @@ class Trainer:
     # ------------------------------------------------------------------------------------ the run
 
     def fit(self) -> dict[str, Any]:
-        state = self.state
+        state, cfg = self.state, self.cfg
         self.started = time.perf_counter()
-        for epoch in range(state.epoch, self.cfg.train.epochs):
-            self.train_epoch(epoch)
-            self.end_epoch(epoch)
-            if state.optimizer_step >= self.total_steps:
-                break
-        self.progress.close()
-        return self.finish()
+        self.signals.install()
+        try:
+            for epoch in range(state.epoch, cfg.train.epochs):
+                if state.optimizer_step >= self.total_steps:
+                    break
+                if self.train_epoch(epoch):
+                    return self.stop_on_signal()
+                self.end_epoch(epoch)
+                self.save_checkpoint()
+                if self.stop_requested():
+                    return self.stop_on_signal()
+            return self.finish()
+        except Exception as e:
+            if is_out_of_memory(e):
+                raise self.out_of_memory(e) from None
+            raise
+        finally:
+            self.signals.uninstall()
+            self.progress.close()
 
-    def train_epoch(self, epoch: int, stop_at: int | None = None) -> None:
-        """One pass over the training data, or up to the step cap (or optimizer step ``stop_at``)."""
+    def train_epoch(self, epoch: int, stop_at: int | None = None) -> bool:
+        """One pass over the training data, or up to the step cap (or optimizer step ``stop_at``).
+        Returns True when the ranks agreed to stop on a signal (a checkpoint has been saved)."""
         acc, model, state = self.accelerator, self.model, self.state
         model.train()
         self.train_loader.set_epoch(epoch)
-        self.epoch_window.reset()
-        self.window.reset()
-        for batch in self.timed(self.train_loader):
+        loader = self.train_loader
+        if state.batches_in_epoch:
+            # Resumed mid-epoch: the seedable sampler replays this epoch's order, minus what was
+            # trained. Saves fall on optimizer steps only, so this is a whole number of windows.
+            loader = skip_first_batches(self.train_loader, state.batches_in_epoch)
+        else:
+            self.epoch_window.reset()
+        last_step = min(self.total_steps, stop_at or self.total_steps)
+        for batch in self.timed(loader):
             with acc.accumulate(model):
                 losses, outputs = model(batch)
                 acc.backward(losses["total_loss"])
@@ -205,8 +336,10 @@ class Trainer:
                 if acc.sync_gradients:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), self.max_grad_norm)
                     self.record_optimizer_step(grad_norm)
+                    self.skip_step_if_nonfinite(grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
             if not acc.sync_gradients:
                 continue
             lrs = [group["lr"] for group in self.optimizer.param_groups]  # the rates this step ran with
@@ -216,13 +349,35 @@ class Trainer:
                 self.scheduler.step()
             state.optimizer_step += 1
             self.progress.update(1)
-            if self.is_log_step(state.optimizer_step):
+            step = state.optimizer_step
+            if step % self.cfg.wandb.log_frequency == 0 or step == self.total_steps:
+                self.check_nonfinite()
+            if self.is_log_step(step):
                 self.log_window(lrs)
-            if state.optimizer_step % max(self.cfg.wandb.image_log_frequency, 1) == 0 and \
-                    self.cfg.wandb.image_log_frequency:
-                self.media.reconstructions(state.optimizer_step)
-            if state.optimizer_step >= min(self.total_steps, stop_at or self.total_steps):
+            if step % max(self.cfg.wandb.image_log_frequency, 1) == 0 and self.cfg.wandb.image_log_frequency:
+                self.media.reconstructions(step)
+            if self.at_step_boundary(epoch_ends=acc.gradient_state.end_of_dataloader or step >= last_step):
+                return True
+            if step >= last_step:
                 break
+        return False
+
+    def at_step_boundary(self, epoch_ends: bool) -> bool:
+        """All ranks agree on the signal and timer flags (host only), then save if a checkpoint is
+        due. The end-of-epoch save is left to ``fit``, after validation."""
+        step, every = self.state.optimizer_step, self.cfg.checkpoint.every_steps
+        stop, timer_due = self.agreement.any(self.signals.received is not None, self._minutes_due())
+        due = (every and step % every == 0) or timer_due
+        if stop or (due and not epoch_ends):
+            self.save_checkpoint()
+        return stop
+
+    def _minutes_due(self) -> bool:
+        minutes = self.cfg.checkpoint.every_minutes
+        return bool(minutes) and time.monotonic() - self.last_save_time >= 60.0 * minutes
+
+    def stop_requested(self) -> bool:
+        return self.agreement.any(self.signals.received is not None)[0]
 
     def timed(self, loader: Iterable[dict]) -> Iterator[dict]:
         """Iterate ``loader``, adding the time spent waiting for each batch to the window."""
@@ -248,6 +403,7 @@ class Trainer:
         batch_size = batch["pixel_values"].shape[0]
         self.window.add_micro_batch(losses, batch_size, stats)
         self.epoch_window.add_micro_batch(losses, batch_size, stats)
+        self.guard.add_loss(losses["total_loss"])
         self.state.samples_seen += batch_size * self.accelerator.num_processes  # even_batches: same on all ranks
 
     def record_optimizer_step(self, grad_norm: torch.Tensor) -> None:
@@ -260,6 +416,42 @@ class Trainer:
                      for name, params in self.module_params.items()}
             row, per_module = grad_stats(grads)
             self.grad_detail = torch.cat([row, per_module])
+
+    def skip_step_if_nonfinite(self, grad_norm: torch.Tensor) -> None:
+        """Make this optimizer step a no-op, on device, if any rank's loss or the gradient is not finite."""
+        def reduce_max(t: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return t
+
+        bad = self.guard.check_step(grad_norm, reduce_max)
+        if self.accelerator.scaler is None:
+            # The fused AdamW skips the whole update where found_inf != 0 (GradScaler's mechanism).
+            # Under fp16 the scaler sets found_inf itself: a non-finite loss overflows the grads.
+            self.optimizer.optimizer.found_inf = bad
+
+    def check_nonfinite(self) -> None:
+        """Host read-out of the guard (a sync point, on log and checkpoint steps only): one event per
+        skipped step, and the stop once train.max_nonfinite_steps were bad in a row."""
+        report = self.guard.report(self.state.optimizer_step)
+        self.state.nonfinite_steps = report.total
+        self.state.consecutive_nonfinite_steps = report.consecutive
+        limit = self.cfg.train.max_nonfinite_steps
+        for step in report.bad_steps:
+            self.tracker.log({"nonfinite_step": 1, "nonfinite_steps": report.total}, step=step)
+            if self.accelerator.is_main_process:
+                print_event(f"warning: optimizer step {step}: non-finite loss or gradient; the update was skipped "
+                            f"(weights and optimizer state unchanged). {report.total} such step(s) so far; the run "
+                            f"stops after {limit} in a row (train.max_nonfinite_steps).")
+        if report.max_consecutive >= limit:
+            latest = self.checkpointer.complete()
+            self.tracker.summary({"status": "failed: non-finite steps", "nonfinite_steps": report.total})
+            self.tracker.finish()
+            raise TrainingError(
+                f"{report.max_consecutive} optimizer steps in a row had a non-finite loss or gradient "
+                f"(train.max_nonfinite_steps={limit}); all of them were skipped, so no update was applied. "
+                f"The last checkpoint, {latest[-1] if latest else 'none yet'}, is intact. Lower optim.lr, "
+                "set optim.max_grad_norm, use train.mixed_precision no or bf16, or check the data, then continue "
+                "with --train.resume auto")
 
     def log_window(self, lrs: list[float]) -> None:
         """A log step: the only place in the training loop where values reach the host."""
@@ -301,7 +493,7 @@ class Trainer:
                                               "host": self.epoch_window.host_values()})
         train = combine(rows)
         val = self.evaluate()
-        state.epoch = epoch + 1
+        state.epoch, state.batches_in_epoch = epoch + 1, 0
         if val["val/total_loss"] < state.best_val_loss:
             state.best_val_loss, state.best_val_epoch = val["val/total_loss"], epoch + 1
         record = {
@@ -359,10 +551,67 @@ class Trainer:
         val.update(zip(recall, host[4 + n_sums + len(MAX_FIELDS):], strict=True))
         return {f"val/{k}": v for k, v in val.items()}
 
+    def train_time(self) -> float:
+        """Seconds spent training, over every session of this run (a resumed one included)."""
+        return self.state.train_time_seconds + time.perf_counter() - self.started
+
+    def save_checkpoint(self) -> Path:
+        """Collective. Metrics reach the disk first: a checkpoint never refers to lost lines."""
+        state = self.state
+        if self.last_saved_step == state.optimizer_step:
+            return self.checkpointer.path_for(state.optimizer_step)
+        self.check_nonfinite()
+        self.tracker.flush()
+        path = self.checkpointer.save(
+            state.optimizer_step, self.training_objects(),
+            {**dataclasses.asdict(state), "train_time_seconds": self.train_time(), "last_train": self.last_train,
+             "last_val": self.last_val},
+            {"window": self.window.state_dict(), "epoch_window": self.epoch_window.state_dict()})
+        self.last_saved_step, self.last_save_time = state.optimizer_step, time.monotonic()
+        return path
+
+    def stop_on_signal(self) -> dict[str, Any]:
+        """The ranks agreed to stop and the checkpoint is saved: close cleanly, requeue, exit 0."""
+        acc, state = self.accelerator, self.state
+        got_usr1 = self.agreement.any(self.signals.received == signal.SIGUSR1)[0]
+        checkpoint = self.checkpointer.path_for(self.last_saved_step)
+        lines = [f"mmtrain: stopped by a signal at optimizer step {state.optimizer_step}; checkpoint {checkpoint}"]
+        if acc.is_main_process and got_usr1 and self.cfg.train.requeue:
+            if self.cfg.train.resume == "auto":
+                lines.append(f"mmtrain: {requeue_slurm_job()}")
+            else:
+                lines.append("mmtrain: not requeued: the requeued job would not resume; add --train.resume auto")
+        lines.append(f"mmtrain: continue with the same command and --train.resume auto "
+                     f"(or --train.resume {checkpoint})")
+        self.tracker.summary({"status": "preempted", "optimizer_steps": state.optimizer_step,
+                              "checkpoint": str(checkpoint)})
+        self.tracker.finish()
+        print_main(acc, *lines)
+        return {"preempted": True, "optimizer_steps": state.optimizer_step, "checkpoint": str(checkpoint)}
+
+    def out_of_memory(self, error: BaseException) -> TrainingError:
+        """Record what ran out and hand back the error to raise; checkpoints are not touched."""
+        acc, cfg, state = self.accelerator, self.cfg, self.state
+        figures = memory_figures(acc.device)
+        bs, accum = cfg.train.batch_size, cfg.train.gradient_accumulation_steps
+        self.tracker.log({"out_of_memory": 1, "oom/batch_size": bs, **{f"oom/{k}": v for k, v in figures.items()}},
+                         step=state.optimizer_step + 1)
+        self.tracker.summary({"status": "failed: out of memory"})
+        self.tracker.finish()
+        latest = self.checkpointer.complete()
+        shown = ", ".join(f"{k} {v:.0f}" for k, v in figures.items())
+        rank = f"rank {acc.process_index}, " if acc.num_processes > 1 else ""
+        return TrainingError(
+            f"out of memory ({rank}{acc.device}) in optimizer step {state.optimizer_step + 1} with "
+            f"train.batch_size={bs} per device [{shown} MB]. Lower train.batch_size and raise "
+            f"train.gradient_accumulation_steps to keep the effective batch, e.g. --train.batch_size {max(bs // 2, 1)} "
+            f"--train.gradient_accumulation_steps {accum * 2}; then continue with --train.resume auto. The last "
+            f"checkpoint, {latest[-1] if latest else 'none yet'}, is intact. ({type(error).__name__})")
+
     def finish(self) -> dict[str, Any]:
         acc, state = self.accelerator, self.state
-        train_time = time.perf_counter() - self.started
-        checkpoint = self.checkpointer.save(state.optimizer_step, dataclasses.asdict(state), self.tokenizer)
+        checkpoint = self.save_checkpoint()  # already written by the last epoch end, in every normal run
+        train_time = self.train_time()
         summary = {
             "final_validation_loss": self.last_val.get("val/total_loss"),
             "best_validation_loss": state.best_val_loss,
@@ -371,6 +620,7 @@ class Trainer:
             "total_parameters": self.total_parameters,
             "optimizer_steps": state.optimizer_step,
             "samples_seen": state.samples_seen,
+            "nonfinite_steps": state.nonfinite_steps,
             "train_time_seconds": train_time,
             "samples_per_second": state.samples_seen / train_time if train_time > 0 else 0.0,
         }

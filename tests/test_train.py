@@ -34,7 +34,7 @@ def test_output_contract(trained):
     assert (out / "model" / "model.safetensors").is_file()
     assert (out / "model" / "tokenizer.json").is_file()
     ckpts = sorted((out / "checkpoints").glob("step_*"))
-    assert [c.name for c in ckpts] == ["step_00000018"]
+    assert [c.name for c in ckpts] == ["step_00000006", "step_00000012", "step_00000018"]  # every epoch end
     assert (ckpts[0] / "train_state.json").is_file()
     assert result["optimizer_steps"] == 18  # 96 samples / 16 = 6 steps x 3 epochs
 

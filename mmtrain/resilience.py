@@ -1,0 +1,184 @@
+"""What the loop does when the world misbehaves: preemption signals, non-finite steps, OOM.
+
+* :class:`StopSignals` turns SIGTERM/SIGUSR1 into a flag. The handler does no work: saving from
+  inside a signal handler would run in the middle of a collective or a half-written step.
+* :class:`StepAgreement` makes every rank take the same decision at a step boundary (stop,
+  time-based checkpoint) with one small all-reduce on the *host*: over gloo, so a GPU job gains
+  no device synchronisation for it.
+* :class:`NonFiniteGuard` detects a non-finite loss or gradient on device, makes the fused AdamW
+  step a no-op for that step (``found_inf``, the mechanism GradScaler uses), and counts on
+  device. The host reads the counters only at log/checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 -> ``self.received`` (the last signal number), nothing else."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+
+def ignore_stop_signals() -> None:
+    """For DataLoader workers: SLURM signals every process of the job; a worker killed by SIGUSR1
+    (whose default action is to terminate) would take the training step down with it. The main
+    process shuts the workers down itself."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class StepAgreement:
+    """Per-step agreement on host flags: every rank must call :meth:`any` at the same steps."""
+
+    def __init__(self, num_processes: int) -> None:
+        self.group = None
+        self.distributed = num_processes > 1 and dist.is_available() and dist.is_initialized()
+        if self.distributed and dist.get_backend() != "gloo":
+            # NCCL would need a device tensor and a sync; a gloo group keeps this on the host.
+            self.group = dist.new_group(backend="gloo")
+
+    def any(self, *flags: bool) -> list[bool]:
+        """For each flag: is it set on any rank?"""
+        if not self.distributed:
+            return list(flags)
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return [bool(v) for v in t.tolist()]
+
+
+def requeue_slurm_job() -> str:
+    """``scontrol requeue $SLURM_JOB_ID``; returns what happened, for the log."""
+    job = os.environ.get("SLURM_JOB_ID")  # an array task has its own job id too
+    if not job:
+        return "not under SLURM (no SLURM_JOB_ID): not requeued"
+    if shutil.which("scontrol") is None:
+        return f"scontrol not found: SLURM job {job} not requeued"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"scontrol requeue {job} failed ({e})"
+    if done.returncode != 0:
+        return f"scontrol requeue {job} failed (exit {done.returncode}: {done.stderr.strip()})"
+    return f"SLURM job {job} requeued"
+
+
+@dataclass
+class NonFiniteReport:
+    total: int
+    consecutive: int
+    max_consecutive: int
+    bad_steps: list[int]
+
+
+class NonFiniteGuard:
+    """Skip optimizer steps whose loss or gradient is not finite, without a host sync.
+
+    Per optimizer step: ``bad = any rank's loss is non-finite or the global grad norm is`` (the
+    norm is already global after DDP's all-reduce; the loss needs one 1-element all-reduce). The
+    flag is handed to the fused AdamW as ``found_inf``: parameters, moments and the step count
+    are left exactly as they were. Counters stay on device until :meth:`report`.
+    """
+
+    def __init__(self, device: torch.device, num_processes: int) -> None:
+        self.device = device
+        self.distributed = num_processes > 1
+        self.total = torch.zeros((), dtype=torch.int64, device=device)
+        self.consecutive = torch.zeros((), dtype=torch.int64, device=device)
+        self.max_consecutive = torch.zeros((), dtype=torch.int64, device=device)
+        self._step_loss = torch.zeros((), dtype=torch.float32, device=device)
+        self._flags: list[Tensor] = []
+        self._first_step = 0
+
+    def add_loss(self, loss: Tensor) -> None:
+        """Every micro-batch: NaN/inf survive the sum, so one check per step covers them all."""
+        self._step_loss = self._step_loss + loss.detach().float()
+
+    def check_step(self, grad_norm: Tensor, reduce_max) -> Tensor:
+        """The sync micro-batch, after clipping, before ``optimizer.step()``: the 0/1 float flag
+        to pass as ``found_inf``. ``reduce_max`` is a cross-rank max (accelerator.reduce)."""
+        bad = (~torch.isfinite(self._step_loss) | ~torch.isfinite(grad_norm.detach())).float()
+        if self.distributed:
+            bad = reduce_max(bad)
+        self._step_loss = torch.zeros_like(self._step_loss)
+        flag = bad.to(torch.int64)
+        self.total += flag
+        self.consecutive = (self.consecutive + 1) * flag
+        self.max_consecutive = torch.maximum(self.max_consecutive, self.consecutive)
+        self._flags.append(flag)
+        return bad
+
+    def report(self, step: int) -> NonFiniteReport:
+        """Host read-out (a sync point: log and checkpoint steps only). ``step`` is the last
+        optimizer step taken; the flags since the previous report are those of the steps before."""
+        flags = torch.stack(self._flags).tolist() if self._flags else []
+        total, consecutive, max_consecutive = torch.stack(
+            [self.total, self.consecutive, self.max_consecutive]).tolist()
+        first = step - len(flags) + 1
+        bad_steps = [first + i for i, f in enumerate(flags) if f]
+        self._flags.clear()
+        self.max_consecutive = self.consecutive.clone()
+        return NonFiniteReport(total, consecutive, max_consecutive, bad_steps)
+
+    def state_dict(self) -> dict[str, int]:
+        total, consecutive = torch.stack([self.total, self.consecutive]).tolist()
+        return {"nonfinite_steps": total, "consecutive_nonfinite_steps": consecutive}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.total.fill_(int(state.get("nonfinite_steps", 0)))
+        self.consecutive.fill_(int(state.get("consecutive_nonfinite_steps", 0)))
+        self.max_consecutive.copy_(self.consecutive)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA OOM, and the CPU allocator's failure (a RuntimeError whose text says so)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def memory_figures(device: torch.device) -> dict[str, float]:
+    """What was in use when memory ran out, in MB."""
+    mb = 1024.0**2
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return {"gpu_total_mb": total / mb, "gpu_free_mb": free / mb,
+                "torch_allocated_mb": torch.cuda.memory_allocated(device) / mb,
+                "torch_reserved_mb": torch.cuda.memory_reserved(device) / mb,
+                "torch_peak_mb": torch.cuda.max_memory_allocated(device) / mb}
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return {"rss_mb": psutil.Process().memory_info().rss / mb, "ram_total_mb": vm.total / mb,
+            "ram_available_mb": vm.available / mb}
+
+
+def print_event(line: str) -> None:
+    print(f"mmtrain: {line}", file=sys.stderr, flush=True)

@@ -1,0 +1,119 @@
+"""`mmtrain train`, with faults injected at exact moments (for tests/test_resume.py only).
+
+    python tests/fault_run.py [mmtrain train arguments]
+
+MMTRAIN_KILL="<moment>:<step>[:<rank>]" sends SIGKILL to this process at that moment:
+  after_step:N    at optimizer step N's boundary, after any checkpoint due there was saved
+  after_save:N    right after checkpoint N is committed (e.g. an epoch-end save)
+  save_write:N    inside the save of step N: the per-rank files are written, the shared ones not
+  save_commit:N   inside the save of step N: everything written, train_state.json too, not yet renamed
+MMTRAIN_NAN="N,M,...[:<rank>]" makes the loss NaN in those optimizer steps (1-based).
+MMTRAIN_PIDFILE=DIR writes DIR/rank<r>.pid, so a test can signal each rank.
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import mmtrain.checkpoint as checkpoint
+from mmtrain import cli
+from mmtrain.model import MultimodalModel
+from mmtrain.trainer import Trainer
+
+RANK = int(os.environ.get("RANK", "0"))
+
+
+def _spec(name: str) -> tuple[str, set[int]] | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    parts = value.split(":")
+    if parts[-1].isdigit() and len(parts) == (3 if name == "MMTRAIN_KILL" else 2) and int(parts[-1]) != RANK:
+        return None
+    return parts[0] if name == "MMTRAIN_KILL" else "", {int(s) for s in parts[1 if name == "MMTRAIN_KILL" else 0]
+                                                        .split(",")}
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+trainer: list[Trainer] = []
+original_init = Trainer.__init__
+
+
+def init(self, cfg):
+    trainer.append(self)
+    original_init(self, cfg)
+
+
+Trainer.__init__ = init
+
+kill = _spec("MMTRAIN_KILL")
+if kill:
+    moment, steps = kill
+
+    def step() -> int:
+        return trainer[0].state.optimizer_step
+
+    if moment == "after_step":
+        at_boundary = Trainer.at_step_boundary
+
+        def at_step_boundary(self, epoch_ends):
+            stop = at_boundary(self, epoch_ends)
+            if step() in steps:
+                _die()
+            return stop
+
+        Trainer.at_step_boundary = at_step_boundary
+    elif moment == "after_save":
+        save = Trainer.save_checkpoint
+
+        def save_checkpoint(self):
+            path = save(self)
+            if step() in steps:
+                _die()
+            return path
+
+        Trainer.save_checkpoint = save_checkpoint
+    elif moment == "save_write":
+        write_shared = checkpoint.Checkpointer._write_shared
+
+        def _write_shared(self, tmp, objects):
+            if step() in steps:
+                _die()
+            write_shared(self, tmp, objects)
+
+        checkpoint.Checkpointer._write_shared = _write_shared
+    elif moment == "save_commit":
+        replace_dir = checkpoint._replace_dir
+
+        def _replace_dir(tmp, final):
+            if step() in steps:
+                _die()
+            replace_dir(tmp, final)
+
+        checkpoint._replace_dir = _replace_dir
+    else:
+        raise SystemExit(f"unknown MMTRAIN_KILL moment {moment!r}")
+
+nan = _spec("MMTRAIN_NAN")
+if nan:
+    _, nan_steps = nan
+    forward = MultimodalModel.forward
+
+    def poisoned(self, batch):
+        losses, outputs = forward(self, batch)
+        if self.training and trainer[0].state.optimizer_step + 1 in nan_steps:
+            losses["total_loss"] = losses["total_loss"] * float("nan")
+        return losses, outputs
+
+    MultimodalModel.forward = poisoned
+
+if os.environ.get("MMTRAIN_PIDFILE"):
+    Path(os.environ["MMTRAIN_PIDFILE"], f"rank{RANK}.pid").write_text(str(os.getpid()))
+
+sys.exit(cli.main(["train", *sys.argv[1:]]))

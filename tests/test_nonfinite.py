@@ -1,0 +1,140 @@
+"""Non-finite steps are skipped on device and counted; K in a row stop the run; OOM stops it cleanly.
+
+The NaN comes from a patched loss (a poisoned step), the OOM from a patched forward: a real
+allocation failure cannot be provoked here without taking the machine down.
+"""
+
+import hashlib
+import json
+
+import torch
+from conftest import TINY, read_jsonl, reset_accelerate
+
+from mmtrain.cli import main
+from mmtrain.model import MultimodalModel
+from mmtrain.trainer import Trainer
+
+
+def _poison(monkeypatch, steps: set[int], trainers: list, error: BaseException | None = None) -> None:
+    """Make the loss NaN (or raise ``error``) in the given optimizer steps (1-based)."""
+    forward = MultimodalModel.forward
+    init = Trainer.__init__
+
+    def record(self, cfg):
+        trainers.append(self)
+        init(self, cfg)
+
+    def poisoned(self, batch):
+        losses, outputs = forward(self, batch)
+        if self.training and trainers[-1].state.optimizer_step + 1 in steps:
+            if error is not None:
+                raise error
+            losses["total_loss"] = losses["total_loss"] * float("nan")
+        return losses, outputs
+
+    monkeypatch.setattr(Trainer, "__init__", record)
+    monkeypatch.setattr(MultimodalModel, "forward", poisoned)
+
+
+def _snapshots(monkeypatch) -> dict[int, tuple[list, list]]:
+    """(parameters, AdamW moments) after every optimizer step."""
+    taken: dict[int, tuple[list, list]] = {}
+    boundary = Trainer.at_step_boundary
+
+    def at_step_boundary(self, epoch_ends):
+        params = [p.detach().clone() for p in self.model.parameters()]
+        moments = [s["exp_avg"].clone() for s in self.optimizer.optimizer.state.values()]
+        taken[self.state.optimizer_step] = (params, moments)
+        return boundary(self, epoch_ends)
+
+    monkeypatch.setattr(Trainer, "at_step_boundary", at_step_boundary)
+    return taken
+
+
+def _same(a: list, b: list) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _hashes(folder) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_nonfinite_step_is_skipped_counted_and_logged(tmp_path, monkeypatch, capsys):
+    trainers: list = []
+    _poison(monkeypatch, {3}, trainers)
+    snap = _snapshots(monkeypatch)
+    code = main(["train", "--config", str(TINY), "--train.output_dir", str(tmp_path), "--wandb.mode", "disabled",
+                 "--wandb.log_frequency", "1", "--model.dropout", "0.1"])
+    assert code == 0
+    assert _same(snap[3][0], snap[2][0]) and _same(snap[3][1], snap[2][1])  # weights and moments untouched
+    assert not _same(snap[4][0], snap[3][0])  # the next good step trains again
+    assert all(torch.isfinite(p).all() for p in snap[12][0])
+    steps = trainers[-1].optimizer.optimizer.state[next(iter(trainers[-1].model.parameters()))]["step"]
+    assert int(steps) == 11  # AdamW's own step count did not advance on the skipped step
+    records = {r["step"]: r for r in read_jsonl(tmp_path / "metrics.jsonl")}
+    assert [s for s, r in records.items() if r.get("nonfinite_step")] == [3]
+    assert records[3]["nonfinite_steps"] == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["nonfinite_steps"] == 1
+    assert "optimizer step 3: non-finite loss or gradient; the update was skipped" in capsys.readouterr().err
+
+
+def test_k_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    trainers: list = []
+    _poison(monkeypatch, set(range(4, 100)), trainers)
+    hashes: dict[str, dict[str, str]] = {}
+    save = Trainer.save_checkpoint
+
+    def save_checkpoint(self):
+        path = save(self)
+        hashes.setdefault(path.name, _hashes(path))
+        return path
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_checkpoint)
+    code = main(["train", "--config", str(TINY), "--train.output_dir", str(tmp_path), "--wandb.mode", "disabled",
+                 "--wandb.log_frequency", "1", "--checkpoint.every_steps", "3", "--train.max_nonfinite_steps", "3"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "3 optimizer steps in a row had a non-finite loss or gradient (train.max_nonfinite_steps=3)" in err
+    assert "Traceback" not in err
+    assert trainers[-1].state.optimizer_step == 6  # stopped at the 3rd bad step (4, 5, 6), not later
+    ckpts = sorted((tmp_path / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpts] == ["step_00000003"]  # no save after the failure was seen
+    assert _hashes(ckpts[0]) == hashes["step_00000003"]
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if r.get("nonfinite_step")] == [4, 5, 6]
+
+
+def test_out_of_memory_stops_with_the_fix_and_leaves_checkpoints_intact(tmp_path, monkeypatch, capsys):
+    trainers: list = []
+    _poison(monkeypatch, {5}, trainers, error=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    code = main(["train", "--config", str(TINY), "--train.output_dir", str(tmp_path), "--wandb.mode", "disabled",
+                 "--checkpoint.every_steps", "2"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "Traceback" not in err
+    assert "--train.batch_size 8 --train.gradient_accumulation_steps 2" in err
+    ckpts = [c.name for c in sorted((tmp_path / "checkpoints").glob("step_*"))]
+    assert ckpts == ["step_00000002", "step_00000004"]
+    oom = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("out_of_memory")]
+    assert len(oom) == 1 and oom[0]["step"] == 5 and oom[0]["oom/batch_size"] == 16 and oom[0]["oom/rss_mb"] > 0
+    # and the run continues from the last checkpoint once memory allows
+    monkeypatch.undo()
+    reset_accelerate()
+    assert main(["train", "--config", str(TINY), "--train.output_dir", str(tmp_path), "--wandb.mode", "disabled",
+                 "--checkpoint.every_steps", "2", "--train.resume", "auto"]) == 0
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [2, 4, 6, 8, 10, 12]
+
+
+def test_guard_flags_a_nonfinite_loss_even_with_finite_gradients():
+    from mmtrain.resilience import NonFiniteGuard
+
+    guard = NonFiniteGuard(torch.device("cpu"), 1)
+    guard.add_loss(torch.tensor(float("inf")))
+    assert guard.check_step(torch.tensor(1.0), reduce_max=None).item() == 1.0
+    guard.add_loss(torch.tensor(2.0))
+    assert guard.check_step(torch.tensor(float("nan")), reduce_max=None).item() == 1.0
+    guard.add_loss(torch.tensor(2.0))
+    assert guard.check_step(torch.tensor(3.0), reduce_max=None).item() == 0.0
+    report = guard.report(step=3)
+    assert (report.total, report.consecutive, report.max_consecutive, report.bad_steps) == (2, 0, 2, [1, 2])

@@ -8,6 +8,7 @@
 #   NUM_PROCESSES       processes to start (default: number of GPUs, or 1 on a CPU-only machine)
 #   ACCELERATE_CONFIG   an accelerate_configs/*.yaml to use instead of the automatic choice
 #   MMTRAIN_DRY_RUN=1   print the command instead of running it
+# Under SLURM: `srun ./launch.sh ... --train.resume auto` (see README, Checkpoints, resume and failures).
 # Multi-node SLURM launching (one `accelerate launch` per node) is the cluster issue's work.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -36,5 +37,10 @@ cmd+=(-m mmtrain train "$@")
 if [[ "${MMTRAIN_DRY_RUN:-0}" == 1 ]]; then
   printf '%q ' "${cmd[@]}"; echo
 else
+  # SLURM's pre-timeout signal (#SBATCH --signal=USR1@120) reaches every process of the job. The
+  # launcher has no handler for it and would die, orphaning the workers; ignored here (inherited
+  # across exec), it reaches only the workers, which save, requeue and exit 0 (mmtrain installs its
+  # own handler). SIGTERM is the launcher's to forward: it passes it on to the workers.
+  trap '' USR1
   exec "${cmd[@]}"
 fi

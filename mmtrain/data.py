@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 
 from mmtrain.config import DataConfig, ModelConfig
 from mmtrain.errors import DataError
-from mmtrain.resilience import ignore_stop_signals
+from mmtrain.resilience import ignore_stop_signals, reap_workers_at_exit
 from mmtrain.tokenizer import encode
 
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
@@ -295,6 +295,8 @@ def build_dataloader(ds: Any, tokenizer: Any, model: ModelConfig, batch_size: in
     """A plain torch DataLoader over the lazily transformed dataset; Accelerate shards it later."""
     generator = torch.Generator()
     generator.manual_seed(seed)
+    if num_workers > 0:
+        reap_workers_at_exit()
     return DataLoader(
         ds.with_transform(make_transform(tokenizer, model)),
         batch_size=batch_size,

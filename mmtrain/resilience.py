@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
 import shutil
 import signal
@@ -47,12 +49,32 @@ class StopSignals:
         self._previous.clear()
 
 
-def ignore_stop_signals() -> None:
-    """For DataLoader workers: SLURM signals every process of the job; a worker killed by SIGUSR1
-    (whose default action is to terminate) would take the training step down with it. The main
-    process shuts the workers down itself."""
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of DataLoader workers: SLURM signals every process of the job, and a worker
+    killed by SIGTERM or SIGUSR1 would take the training step down with it before the main process
+    can save. The main process shuts its workers down itself (see :func:`reap_workers_at_exit`)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+_reaper_registered = False
+
+
+def reap_workers_at_exit() -> None:
+    """Kill this process's daemonic multiprocessing children at exit, before multiprocessing's own
+    exit hook would ``terminate()`` (SIGTERM) and then ``join()`` them: workers that ignore SIGTERM
+    would make that join wait forever. Registered after multiprocessing's hook, so it runs first."""
+    global _reaper_registered
+    if _reaper_registered:
+        return
+    _reaper_registered = True
+
+    def reap() -> None:
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+
+    atexit.register(reap)
 
 
 class StepAgreement:

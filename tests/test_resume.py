@@ -172,13 +172,17 @@ def test_sigusr1_under_slurm_saves_requeues_and_resume_auto_finishes(tmp_path):
     scontrol = bin_dir / "scontrol"  # SLURM cannot run here: a stand-in that records its arguments
     scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
     scontrol.chmod(0o755)
-    args = [*ONE, "--train.epochs", "30", "--wandb.mode", "disabled", "--train.resume", "auto"]
+    # With a DataLoader worker: SLURM signals every process of the job, so the worker gets SIGUSR1
+    # too (whose default action kills it), and it must still let the run save and exit.
+    args = [*ONE, "--train.epochs", "30", "--wandb.mode", "disabled", "--train.resume", "auto",
+            "--data.num_workers", "1"]
     env = _env(MMTRAIN_PIDFILE=str(pids), SLURM_JOB_ID="4242", PATH=f"{bin_dir}:{os.environ['PATH']}")
     cmd = [sys.executable, str(REPO / "tests" / "fault_run.py"), *args, "--train.output_dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         _wait_for_step(out, 3, proc)
-        os.kill(int((pids / "rank0.pid").read_text()), signal.SIGUSR1)
+        os.killpg(proc.pid, signal.SIGUSR1)  # the whole process group, as SLURM does
         stdout, stderr = proc.communicate(timeout=240)
     finally:
         proc.kill()
@@ -190,3 +194,35 @@ def test_sigusr1_under_slurm_saves_requeues_and_resume_auto_finishes(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl")]
     assert steps == list(range(1, 91))  # 30 epochs x 3 steps: nothing missing, nothing twice
+
+
+def test_sigusr1_to_every_process_of_a_launch_sh_job_saves_and_requeues(tmp_path):
+    """What SLURM does with `--signal=USR1@120`: every process of the job step gets the signal,
+    the launcher included. launch.sh keeps the launcher alive; both ranks save and exit 0."""
+    import psutil
+
+    out, bin_dir = tmp_path / "run", tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = _env(NUM_PROCESSES="2", SLURM_JOB_ID="77", PATH=f"{bin_dir}:{os.environ['PATH']}",
+               PYTHON=sys.executable)
+    cmd = ["bash", str(REPO / "launch.sh"), *ARGS, "--train.epochs", "60", "--checkpoint.every_steps", "0",
+           "--wandb.mode", "disabled", "--train.resume", "auto", "--train.output_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for_step(out, 4, proc)
+        job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in job:
+            p.send_signal(signal.SIGUSR1)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert calls.read_text().split() == ["requeue", "77"]
+    line = next(line for line in stdout.splitlines() if "stopped by a signal" in line)
+    stopped = int(line.split("optimizer step ")[1].split(";")[0])
+    state = json.loads((out / "checkpoints" / f"step_{stopped:08d}" / "train_state.json").read_text())
+    assert state["optimizer_step"] == stopped and state["world_size"] == 2

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import os
 import shutil
@@ -57,24 +58,18 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-_reaper_registered = False
+def _kill_daemonic_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
+@functools.cache  # register once per process
 def reap_workers_at_exit() -> None:
     """Kill this process's daemonic multiprocessing children at exit, before multiprocessing's own
     exit hook would ``terminate()`` (SIGTERM) and then ``join()`` them: workers that ignore SIGTERM
     would make that join wait forever. Registered after multiprocessing's hook, so it runs first."""
-    global _reaper_registered
-    if _reaper_registered:
-        return
-    _reaper_registered = True
-
-    def reap() -> None:
-        for child in multiprocessing.active_children():
-            if child.daemon:
-                child.kill()
-
-    atexit.register(reap)
+    atexit.register(_kill_daemonic_children)
 
 
 class StepAgreement:
@@ -143,12 +138,12 @@ class NonFiniteGuard:
         """Every micro-batch: NaN/inf survive the sum, so one check per step covers them all."""
         self._step_loss = self._step_loss + loss.detach().float()
 
-    def check_step(self, grad_norm: Tensor, reduce_max) -> Tensor:
+    def check_step(self, grad_norm: Tensor) -> Tensor:
         """The sync micro-batch, after clipping, before ``optimizer.step()``: the 0/1 float flag
-        to pass as ``found_inf``. ``reduce_max`` is a cross-rank max (accelerator.reduce)."""
+        to pass as ``found_inf``, the same on every rank."""
         bad = (~torch.isfinite(self._step_loss) | ~torch.isfinite(grad_norm.detach())).float()
         if self.distributed:
-            bad = reduce_max(bad)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # enqueued on the device, not waited for
         self._step_loss = torch.zeros_like(self._step_loss)
         flag = bad.to(torch.int64)
         self.total += flag

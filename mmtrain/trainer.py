@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from accelerate import skip_first_batches
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -419,11 +418,7 @@ class Trainer:
 
     def skip_step_if_nonfinite(self, grad_norm: torch.Tensor) -> None:
         """Make this optimizer step a no-op, on device, if any rank's loss or the gradient is not finite."""
-        def reduce_max(t: torch.Tensor) -> torch.Tensor:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            return t
-
-        bad = self.guard.check_step(grad_norm, reduce_max)
+        bad = self.guard.check_step(grad_norm)
         if self.accelerator.scaler is None:
             # The fused AdamW skips the whole update where found_inf != 0 (GradScaler's mechanism).
             # Under fp16 the scaler sets found_inf itself: a non-finite loss overflows the grads.

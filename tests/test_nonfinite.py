@@ -131,10 +131,10 @@ def test_guard_flags_a_nonfinite_loss_even_with_finite_gradients():
 
     guard = NonFiniteGuard(torch.device("cpu"), 1)
     guard.add_loss(torch.tensor(float("inf")))
-    assert guard.check_step(torch.tensor(1.0), reduce_max=None).item() == 1.0
+    assert guard.check_step(torch.tensor(1.0)).item() == 1.0
     guard.add_loss(torch.tensor(2.0))
-    assert guard.check_step(torch.tensor(float("nan")), reduce_max=None).item() == 1.0
+    assert guard.check_step(torch.tensor(float("nan"))).item() == 1.0
     guard.add_loss(torch.tensor(2.0))
-    assert guard.check_step(torch.tensor(3.0), reduce_max=None).item() == 0.0
+    assert guard.check_step(torch.tensor(3.0)).item() == 0.0
     report = guard.report(step=3)
     assert (report.total, report.consecutive, report.max_consecutive, report.bad_steps) == (2, 0, 2, [1, 2])

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image as PILImage
 
+from mmtrain.checkpoint import write_atomic
 from mmtrain.config import WandbConfig
 
 
@@ -353,9 +354,7 @@ def keep_metrics_until(path: Path, last_step: int) -> int:
             kept.append(line)
         else:
             dropped += 1
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(f"{line}\n" for line in kept))
     return dropped
 
 

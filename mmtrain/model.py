@@ -17,6 +17,8 @@ Architecture (CoCa-style split of the caption transformer):
 
 import itertools
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -165,11 +167,34 @@ def per_sample_terms(images: Tensor, reconstruction: Tensor, input_ids: Tensor, 
     image_se = (reconstruction.float() - images.float()).pow(2).flatten(1).mean(dim=1)
     targets, target_mask = input_ids[:, 1:], attention_mask[:, 1:].float()
     token_ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
-    labels = torch.arange(similarity.shape[0], device=similarity.device)
-    alignment = (F.cross_entropy(similarity, labels, reduction="none")
-                 + F.cross_entropy(similarity.t(), labels, reduction="none")) / 2
     return {"image_se": image_se, "caption_ce_sum": (token_ce * target_mask).sum(dim=1),
-            "caption_tokens": target_mask.sum(dim=1), "alignment": alignment}
+            "caption_tokens": target_mask.sum(dim=1), "alignment": alignment_terms(similarity)}
+
+
+def alignment_terms(similarity: Tensor) -> Tensor:
+    """(B,) each sample's share of the symmetric InfoNCE over a (B, B) similarity matrix whose
+    diagonal holds the true pairs: (image->text CE + text->image CE) / 2, in nats."""
+    labels = torch.arange(similarity.shape[0], device=similarity.device)
+    return (F.cross_entropy(similarity, labels, reduction="none")
+            + F.cross_entropy(similarity.t(), labels, reduction="none")) / 2
+
+
+def weighted_total(config: ModelConfig, losses: Mapping[str, Any]) -> Any:
+    """``total_loss``: the one weighting of the loss components, for training batches (tensors)
+    and validation means (floats) alike."""
+    return (config.image_loss_weight * losses["loss_image"] + config.caption_loss_weight * losses["loss_caption"]
+            + config.alignment_loss_weight * losses["loss_alignment"])
+
+
+def eval_alignment(latent: Tensor, text_embedding: Tensor, scale: Tensor, group_size: int) -> Tensor:
+    """(N,) per-sample alignment terms over a whole split in its order: the symmetric InfoNCE of
+    each consecutive group of ``group_size`` samples (the last group may be smaller), each sample
+    contrasted with the others of its group. Depends only on the split and the group size, not on
+    how evaluation was batched or sharded across processes; with ``group_size`` the per-device
+    training batch, a sample sees as many negatives as in training."""
+    parts = [alignment_terms(contrastive_logits(lat, txt, scale))
+             for lat, txt in zip(latent.split(group_size), text_embedding.split(group_size), strict=True)]
+    return torch.cat(parts) if parts else latent.new_zeros(0)
 
 
 class MultimodalModel(nn.Module, PyTorchModelHubMixin, library_name="mmtrain", tags=["mmtrain", "image-to-text"]):
@@ -201,14 +226,10 @@ class MultimodalModel(nn.Module, PyTorchModelHubMixin, library_name="mmtrain", t
 
     def reduce_losses(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """Batch losses from per-sample terms; ``loss_caption`` is a mean over the batch's tokens."""
-        c = self.config
-        loss_image = terms["image_se"].mean()
-        loss_caption = terms["caption_ce_sum"].sum() / terms["caption_tokens"].sum().clamp_min(1.0)
-        loss_alignment = terms["alignment"].mean()
-        total = (c.image_loss_weight * loss_image + c.caption_loss_weight * loss_caption
-                 + c.alignment_loss_weight * loss_alignment)
-        return {"total_loss": total, "loss_image": loss_image, "loss_caption": loss_caption,
-                "loss_alignment": loss_alignment}
+        losses = {"loss_image": terms["image_se"].mean(),
+                  "loss_caption": terms["caption_ce_sum"].sum() / terms["caption_tokens"].sum().clamp_min(1.0),
+                  "loss_alignment": terms["alignment"].mean()}
+        return {"total_loss": weighted_total(self.config, losses), **losses}
 
     @torch.no_grad()
     def generate(self, images: Tensor, bos_token_id: int, eos_token_id: int, max_length: int | None = None) -> Tensor:

@@ -113,6 +113,7 @@ class NonFiniteReport:
     consecutive: int
     max_consecutive: int
     bad_steps: list[int]
+    totals_at: list[int]  # for each of ``bad_steps``: the number of such steps up to and including it
 
 
 class NonFiniteGuard:
@@ -160,9 +161,11 @@ class NonFiniteGuard:
             [self.total, self.consecutive, self.max_consecutive]).tolist()
         first = step - len(flags) + 1
         bad_steps = [first + i for i, f in enumerate(flags) if f]
+        # Each event carries the count true at its own step, not the count at read-out time.
+        totals_at = list(range(total - len(bad_steps) + 1, total + 1))
         self._flags.clear()
         self.max_consecutive = self.consecutive.clone()
-        return NonFiniteReport(total, consecutive, max_consecutive, bad_steps)
+        return NonFiniteReport(total, consecutive, max_consecutive, bad_steps, totals_at)
 
     def state_dict(self) -> dict[str, int]:
         total, consecutive = torch.stack([self.total, self.consecutive]).tolist()

@@ -175,6 +175,7 @@ class Tracker(NullTracker):
         self.output_dir = Path(output_dir)
         self.jsonl_path = self.output_dir / "metrics.jsonl"
         self._pending: tuple[int, dict[str, Any]] | None = None
+        self._written_step = -1  # the step of the last line in metrics.jsonl
         self._run = None
         self.mode = resolve_mode(cfg.mode)
         if self.mode != "disabled":
@@ -276,6 +277,13 @@ class Tracker(NullTracker):
         return {k: top_level(k, v) for k, v in record.items()}
 
     def log(self, record: dict[str, Any], step: int) -> None:
+        """Record ``record`` at optimizer ``step``. Steps must not decrease, and a step whose line was
+        flushed is closed: W&B silently drops a record for an earlier step, and metrics.jsonl would
+        get its lines out of order. Raises RuntimeError on such a record (a bug in the caller's order)."""
+        last = self._pending[0] if self._pending is not None else self._written_step
+        if step < last or (self._pending is None and step == last):
+            raise RuntimeError(f"record for step {step} after step {last} was logged: the caller must read out "
+                               f"late events before logging a later step (keys: {', '.join(sorted(record))})")
         files = {k: self._save_media(k, v, step) for k, v in record.items() if isinstance(v, (Image, Table))}
         line = {**record, **files}
         if self._pending is not None and self._pending[0] == step:
@@ -307,7 +315,7 @@ class Tracker(NullTracker):
         line = {"step": step, **{k: _jsonable(v) for k, v in record.items()}}
         with self.jsonl_path.open("a") as f:
             f.write(json.dumps(line) + "\n")
-        self._pending = None
+        self._pending, self._written_step = None, step
 
     def summary(self, values: dict[str, Any]) -> None:
         if self._run is not None:

@@ -8,6 +8,7 @@ and scheduler step -> on a log step only: one reduce + one gather + one host cop
 (host only) and a checkpoint is written when one is due.
 """
 
+import contextlib
 import dataclasses
 import math
 import shutil
@@ -31,7 +32,7 @@ from mmtrain.errors import CheckpointError, ConfigError, DataError, TrainingErro
 from mmtrain.hardware import HardwareMonitor
 from mmtrain.media import MediaLogger, NullMediaLogger
 from mmtrain.metrics import MAX_FIELDS, SUM_FIELDS, grad_stats, retrieval_recall, sample_stats, summarize
-from mmtrain.model import LOSS_NAMES, MultimodalModel
+from mmtrain.model import LOSS_NAMES, MultimodalModel, eval_alignment, weighted_total
 from mmtrain.optim import build_optimizer, build_scheduler, optimizer_steps
 from mmtrain.resilience import (
     NonFiniteGuard,
@@ -327,10 +328,16 @@ class Trainer:
         else:
             self.epoch_window.reset()
         last_step = min(self.total_steps, stop_at or self.total_steps)
+        accum, epoch_batches = self.cfg.train.gradient_accumulation_steps, len(self.train_loader)
         for batch in self.timed(loader):
+            # Accelerate divides each micro-batch's loss by gradient_accumulation_steps. The epoch's
+            # last window may hold fewer micro-batches: scale up so that every step's gradient is
+            # the mean over the micro-batches it actually contains.
+            window_start = state.batches_in_epoch - state.batches_in_epoch % accum
+            loss_scale = accum / min(accum, epoch_batches - window_start)
             with acc.accumulate(model):
                 losses, outputs = model(batch)
-                acc.backward(losses["total_loss"])
+                acc.backward(losses["total_loss"] * loss_scale if loss_scale != 1 else losses["total_loss"])
                 self.record_micro_batch(batch, losses, outputs)
                 if acc.sync_gradients:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), self.max_grad_norm)
@@ -349,11 +356,14 @@ class Trainer:
             state.optimizer_step += 1
             self.progress.update(1)
             step = state.optimizer_step
-            if step % self.cfg.wandb.log_frequency == 0 or step == self.total_steps:
+            media_due = bool(self.cfg.wandb.image_log_frequency) and step % self.cfg.wandb.image_log_frequency == 0
+            if step % self.cfg.wandb.log_frequency == 0 or step == self.total_steps or media_due:
+                # Before anything is logged at this step: an event of an earlier step logged after
+                # it would be out of order (W&B drops decreasing steps).
                 self.check_nonfinite()
             if self.is_log_step(step):
                 self.log_window(lrs)
-            if step % max(self.cfg.wandb.image_log_frequency, 1) == 0 and self.cfg.wandb.image_log_frequency:
+            if media_due:
                 self.media.reconstructions(step)
             if self.at_step_boundary(epoch_ends=acc.gradient_state.end_of_dataloader or step >= last_step):
                 return True
@@ -431,8 +441,8 @@ class Trainer:
         self.state.nonfinite_steps = report.total
         self.state.consecutive_nonfinite_steps = report.consecutive
         limit = self.cfg.train.max_nonfinite_steps
-        for step in report.bad_steps:
-            self.tracker.log({"nonfinite_step": 1, "nonfinite_steps": report.total}, step=step)
+        for step, total in zip(report.bad_steps, report.totals_at, strict=True):
+            self.tracker.log({"nonfinite_step": 1, "nonfinite_steps": total}, step=step)
             if self.accelerator.is_main_process:
                 print_event(f"warning: optimizer step {step}: non-finite loss or gradient; the update was skipped "
                             f"(weights and optimizer state unchanged). {report.total} such step(s) so far; the run "
@@ -484,6 +494,7 @@ class Trainer:
     def end_epoch(self, epoch: int) -> None:
         """Epoch summary: training means over the whole epoch, then the validation pass."""
         state = self.state
+        self.check_nonfinite()  # the epoch's last events are logged before its record
         rows = gather_rows(self.accelerator, {**self.epoch_window.device_parts(),
                                               "host": self.epoch_window.host_values()})
         train = combine(rows)
@@ -508,18 +519,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Exact values over the whole val split: per-sample rows are gathered from every rank
-        (``gather_for_metrics`` drops the samples padded in to even out the last batch)."""
+        """Exact values over the whole val split, the same for any number of processes: per-sample
+        rows are gathered from every rank (``gather_for_metrics`` drops the samples padded in to
+        even out the last batch), and the alignment term is computed after the gather, on
+        consecutive groups of ``train.batch_size`` val samples in split order (see
+        :func:`eval_alignment`), so padding duplicates never enter it as negatives."""
         acc, model = self.accelerator, self.model
         model.eval()
-        terms_sum = torch.zeros(4, dtype=torch.float64, device=acc.device)
+        terms_sum = torch.zeros(3, dtype=torch.float64, device=acc.device)
         sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=acc.device)
         maxes = torch.full((len(MAX_FIELDS),), -math.inf, dtype=torch.float64, device=acc.device)
         latents, texts, ids = [], [], []
         for batch in self.val_loader:
             _, out = model(batch)
-            terms = torch.stack([out["image_se"], out["caption_ce_sum"],
-                                 out["caption_tokens"], out["alignment"]], 1).double()
+            terms = torch.stack([out["image_se"], out["caption_ce_sum"], out["caption_tokens"]], 1).double()
             s, m = sample_stats(batch["pixel_values"], out["reconstruction"], out["latent"], out["logits"],
                                 batch["input_ids"], batch["attention_mask"])
             terms, s, m, lat, txt, cap = acc.gather_for_metrics(
@@ -531,15 +544,16 @@ class Trainer:
             texts.append(txt)
             ids.append(cap)
         model.train()
-        recall = retrieval_recall(torch.cat(latents), torch.cat(texts), torch.cat(ids))
-        host = torch.cat([terms_sum, sums, maxes, torch.stack(list(recall.values())).double()]).tolist()
+        latent, text = torch.cat(latents), torch.cat(texts)
+        scale = acc.unwrap_model(model).alignment.scale()
+        align_sum = eval_alignment(latent, text, scale, self.cfg.train.batch_size).double().sum().view(1)
+        recall = retrieval_recall(latent, text, torch.cat(ids))
+        host = torch.cat([terms_sum, align_sum, sums, maxes, torch.stack(list(recall.values())).double()]).tolist()
         image_sum, ce_sum, tokens, align_sum = host[:4]
         count = host[4]  # the "samples" column
-        m = self.model_config
         val = {"loss_image": image_sum / count, "loss_caption": ce_sum / max(tokens, 1.0),
                "loss_alignment": align_sum / count}
-        val["total_loss"] = (m.image_loss_weight * val["loss_image"] + m.caption_loss_weight * val["loss_caption"]
-                             + m.alignment_loss_weight * val["loss_alignment"])
+        val["total_loss"] = weighted_total(self.model_config, val)
         n_sums = len(SUM_FIELDS)
         val.update(summarize(dict(zip(SUM_FIELDS, host[4:4 + n_sums], strict=True)),
                              dict(zip(MAX_FIELDS, host[4 + n_sums:4 + n_sums + len(MAX_FIELDS)], strict=True))))
@@ -588,6 +602,8 @@ class Trainer:
         """Record what ran out and hand back the error to raise; checkpoints are not touched."""
         acc, cfg, state = self.accelerator, self.cfg, self.state
         figures = memory_figures(acc.device)
+        with contextlib.suppress(Exception):  # events of earlier steps first; a failing read loses only them
+            self.check_nonfinite()
         bs, accum = cfg.train.batch_size, cfg.train.gradient_accumulation_steps
         self.tracker.log({"out_of_memory": 1, "oom/batch_size": bs, **{f"oom/{k}": v for k, v in figures.items()}},
                          step=state.optimizer_step + 1)

@@ -32,11 +32,12 @@ def fixed_length_dataset(tmp_path_factory):
     return path
 
 
-def _run(out, data_path, batch_size, accumulation):
-    """Train 3 optimizer steps; return the log and the gradients each optimizer step applied."""
+def _run(out, data_path, batch_size, accumulation, steps=3):
+    """Train ``steps`` optimizer steps; return the log and the gradients each optimizer step applied."""
     cfg = tiny_config(out, **{
         "data.source": "disk", "data.path": str(data_path), "train.batch_size": batch_size,
-        "train.gradient_accumulation_steps": accumulation, "train.max_steps": 3, "model.alignment_loss_weight": 0.0,
+        "train.gradient_accumulation_steps": accumulation, "train.max_steps": steps,
+        "model.alignment_loss_weight": 0.0,
         "wandb.mode": "disabled", "wandb.log_frequency": 1, "optim.max_grad_norm": 0.0})
     trainer = Trainer(cfg)
     grads = []
@@ -74,3 +75,26 @@ def test_accumulation_check_can_fail(tmp_path, fixed_length_dataset):
     _, big_grads = _run(tmp_path / "big", fixed_length_dataset, batch_size=16, accumulation=1)
     _, small_grads = _run(tmp_path / "small", fixed_length_dataset, batch_size=4, accumulation=1)
     assert _max_relative_difference(big_grads[0], small_grads[0]) > 1e-2
+
+
+def test_partial_window_is_the_mean_of_its_micro_batches(tmp_path, fixed_length_dataset):
+    """48 samples at batch 16 are 3 micro-batches; with accumulation 4 the epoch's only window is
+    partial. Its gradient must be the mean over the 3 micro-batches, i.e. that of one batch of 48
+    (before the fix it was 3/4 of it: Accelerate divides every micro-batch by 4)."""
+    big_log, big_grads = _run(tmp_path / "big", fixed_length_dataset, batch_size=48, accumulation=1, steps=1)
+    part_log, part_grads = _run(tmp_path / "part", fixed_length_dataset, batch_size=16, accumulation=4, steps=1)
+    assert len(big_grads) == len(part_grads) == 1
+    assert _max_relative_difference(big_grads[0], part_grads[0]) < 1e-5
+    big, part = (next(r for r in log if "grad_norm" in r) for log in (big_log, part_log))
+    assert part["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-5)
+
+
+def test_window_length_does_not_change_a_full_epoch_step(tmp_path, fixed_length_dataset):
+    """The issue's example: the same micro-batches as one full window (accumulation 3) or as a
+    partial one (accumulation 5) give the same step: same loss, same grad_norm."""
+    full_log, full_grads = _run(tmp_path / "full", fixed_length_dataset, batch_size=16, accumulation=3, steps=1)
+    part_log, part_grads = _run(tmp_path / "part", fixed_length_dataset, batch_size=16, accumulation=5, steps=1)
+    assert _max_relative_difference(full_grads[0], part_grads[0]) < 1e-6
+    full, part = (next(r for r in log if "grad_norm" in r) for log in (full_log, part_log))
+    assert part["total_loss"] == pytest.approx(full["total_loss"], rel=1e-6)
+    assert part["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-6)

@@ -57,3 +57,32 @@ def test_accelerate_config_file_and_launch_sh(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _check_one_run_of_world_size_two(out)
+
+
+# 33 val samples in eval batches of 8: the last batch holds one real sample, and Accelerate pads
+# it with duplicates on the second rank. lr 1e-30 keeps the weights at their initial values.
+SAME_WEIGHTS = ["--data.synthetic_train_size", "32", "--data.synthetic_val_size", "33", "--train.eval_batch_size",
+                "8", "--optim.lr", "1e-30", "--optim.min_lr", "0", "--train.epochs", "1", "--wandb.media_samples", "0"]
+
+
+def _val_record(out) -> dict:
+    from conftest import read_jsonl
+
+    (record,) = [r for r in read_jsonl(out / "metrics.jsonl") if "val/total_loss" in r]
+    return {k: v for k, v in record.items() if k.startswith("val/")}
+
+
+def test_validation_does_not_depend_on_the_process_count(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *ARGS, *SAME_WEIGHTS, "--train.output_dir", str(tmp_path / "one")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launcher = [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = subprocess.run([*launcher, *ARGS, *SAME_WEIGHTS, "--train.output_dir", str(tmp_path / "two")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    val_one, val_two = _val_record(tmp_path / "one"), _val_record(tmp_path / "two")
+    assert set(val_one) == set(val_two) and "val/loss_alignment" in val_one
+    for key, value in val_one.items():
+        assert val_two[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key

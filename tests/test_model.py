@@ -314,3 +314,31 @@ def test_warmup_must_leave_a_step_of_decay():
     used = _lrs(OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=2), 4)
     assert used == pytest.approx([0.0, 5e-4, 1e-3, 1e-5])
 
+
+
+def test_eval_alignment_is_infonce_over_consecutive_groups():
+    """Naive reference: for each group of `size` samples in order, each sample's
+    (image->text CE + text->image CE) / 2 against the others of its group, by explicit loops."""
+    from mmtrain.model import eval_alignment
+
+    gen = torch.Generator().manual_seed(0)
+    latent, text = torch.randn(11, 6, generator=gen), torch.randn(11, 6, generator=gen)
+    scale = torch.tensor(3.0)
+    got = eval_alignment(latent, text, scale, group_size=4)
+
+    def cos(a, b):
+        return float(a @ b / (a.norm() * b.norm()))
+
+    expected = []
+    for start in range(0, 11, 4):
+        idx = list(range(start, min(start + 4, 11)))
+        for i in idx:
+            row = [scale.item() * cos(latent[i], text[j]) for j in idx]
+            col = [scale.item() * cos(latent[j], text[i]) for j in idx]
+            k = idx.index(i)
+            ce_row = -row[k] + math.log(sum(math.exp(v) for v in row))
+            ce_col = -col[k] + math.log(sum(math.exp(v) for v in col))
+            expected.append((ce_row + ce_col) / 2)
+    assert got.shape == (11,)
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)
+    assert got[8:].tolist() != pytest.approx(eval_alignment(latent, text, scale, 11)[8:].tolist(), rel=1e-3)

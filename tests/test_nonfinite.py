@@ -138,3 +138,68 @@ def test_guard_flags_a_nonfinite_loss_even_with_finite_gradients():
     assert guard.check_step(torch.tensor(3.0)).item() == 0.0
     report = guard.report(step=3)
     assert (report.total, report.consecutive, report.max_consecutive, report.bad_steps) == (2, 0, 2, [1, 2])
+
+
+def _assert_ordered_and_complete(out, bad_steps: list[int]) -> None:
+    """metrics.jsonl: strictly increasing steps, one line per step, every event at its own step with
+    the count true there; the W&B offline record holds the same rows."""
+    from wandb_files import offline_runs, read_run
+
+    records = read_jsonl(out / "metrics.jsonl")
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), steps
+    events = [(r["step"], r["nonfinite_steps"]) for r in records if r.get("nonfinite_step")]
+    assert events == [(s, i + 1) for i, s in enumerate(bad_steps)]
+    history: dict[int, dict] = {}
+    for path in offline_runs(out):
+        for row in read_run(path)["history"]:
+            history.setdefault(row["_step"], {}).update(row)
+    assert sorted(history) == steps
+    for record in records:
+        row = history[record["step"]]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and value is not None:
+                assert row.get(key) == value, (record["step"], key)
+
+
+def test_late_events_are_logged_in_order_with_their_own_counts(tmp_path, monkeypatch):
+    """Non-finite steps at every position relative to log steps (every 4), media steps (every 5),
+    epoch ends (6, 12) and checkpoint saves (every 5): before, at and after each."""
+    bad = [1, 3, 4, 5, 6, 7, 9, 10, 11, 12]
+    trainers: list = []
+    _poison(monkeypatch, set(bad), trainers)
+    assert main(["train", "--config", str(TINY), "--train.output_dir", str(tmp_path), "--wandb.mode", "offline",
+                 "--wandb.log_frequency", "4", "--wandb.image_log_frequency", "5", "--wandb.media_samples", "2",
+                 "--checkpoint.every_steps", "5", "--train.max_nonfinite_steps", "100"]) == 0
+    _assert_ordered_and_complete(tmp_path, bad)
+
+
+def test_divergent_run_logs_every_nonfinite_step_in_order(tmp_path):
+    """The issue's example: lr 1e30 makes every step after the first non-finite; log every 4 steps
+    with 6 steps per epoch."""
+    assert main(["train", "--config", str(TINY), "--train.output_dir", str(tmp_path), "--optim.lr", "1e30",
+                 "--optim.min_lr", "0", "--train.max_nonfinite_steps", "100", "--wandb.log_frequency", "4",
+                 "--wandb.media_samples", "0"]) == 0
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    bad = [r["step"] for r in records if r.get("nonfinite_step")]
+    assert len(bad) >= 5
+    _assert_ordered_and_complete(tmp_path, bad)
+
+
+def test_tracker_refuses_a_record_for_an_earlier_step(tmp_path):
+    import pytest
+
+    from mmtrain.config import WandbConfig
+    from mmtrain.tracking import Tracker
+
+    tracker = Tracker(tmp_path, WandbConfig(mode="disabled"), {})
+    tracker.log({"a": 1}, step=3)
+    tracker.log({"b": 2}, step=3)
+    with pytest.raises(RuntimeError, match="step 2 after step 3"):
+        tracker.log({"c": 3}, step=2)
+    tracker.flush()
+    with pytest.raises(RuntimeError, match="step 3 after step 3"):
+        tracker.log({"c": 3}, step=3)
+    tracker.log({"d": 4}, step=4)
+    tracker.finish()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [3, 4]

@@ -12,6 +12,7 @@ import math
 import netrc
 import os
 import re
+import shlex
 import threading
 import warnings
 from collections.abc import Callable
@@ -334,8 +335,8 @@ class Tracker(NullTracker):
                 _call_bounded(run.finish, self.finish_timeout_s, "wandb-finish")
             except Exception as e:
                 where = self.run_dir
-                warnings.warn(f"W&B finish failed ({_describe(e)}); the run's files are in {where}, "
-                              f"upload them with `wandb sync {where}`. metrics.jsonl has every record.",
+                warnings.warn(f"W&B finish failed ({_describe(e)}); the run's files are in {where}, upload them "
+                              f"with `wandb sync {shlex.quote(str(where))}`. metrics.jsonl has every record.",
                               stacklevel=2)
         # Close a run dropped after a failure (already warned about), so it is complete on disk and no
         # later wandb.init in this process gets it back; bounded too, in case closing it is what hangs.

@@ -11,6 +11,7 @@ and scheduler step -> on a log step only: one reduce + one gather + one host cop
 import contextlib
 import dataclasses
 import math
+import shlex
 import shutil
 import signal
 import sys
@@ -55,8 +56,10 @@ EPOCH_METRICS = ["val/*", "epoch_train_loss_avg", "epoch_val_loss_avg", "val_tra
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "model", "wandb", "media")
 
 # Config fields a resumed run must share with its checkpoint, or it would not be the same run:
-# they fix the model, the data and its order, and what one optimizer step is.
-SAME_RUN_FIELDS = ("model.", "data.", "train.batch_size", "train.gradient_accumulation_steps", "train.seed")
+# they fix the model, the data and its order. What one optimizer step is (the effective batch) is
+# checked apart: its split into per-device batch x accumulation may change (the OOM remedy).
+SAME_RUN_FIELDS = ("model.", "data.", "train.seed")
+BATCH_SPLIT = ("train.batch_size", "train.gradient_accumulation_steps")
 # Data fields that change nothing about the samples or their order.
 DATA_LOGISTICS = ("data.num_workers", "data.cache_dir")
 
@@ -81,8 +84,11 @@ def _flatten(config: dict[str, Any]) -> dict[str, Any]:
     return {f"{section}.{k}": v for section, values in config.items() for k, v in (values or {}).items()}
 
 
-def config_differences(saved: dict[str, Any], current: Config) -> tuple[list[str], list[str]]:
-    """(fields that make it a different run, other changed fields), as ``name: saved -> now``."""
+def config_differences(saved: dict[str, Any], current: Config, processes: int = 1) -> tuple[list[str], list[str]]:
+    """(fields that make it a different run, other changed fields), as ``name: saved -> now``.
+
+    A new split of the same effective batch (per-device batch x ``processes`` x accumulation) is
+    the same run; a different effective batch is not, and the line shows the arithmetic."""
     old, new = _flatten(saved), _flatten(current.to_dict())
     blocking, other = [], []
     for key in sorted(set(old) | set(new)):
@@ -92,6 +98,13 @@ def config_differences(saved: dict[str, Any], current: Config) -> tuple[list[str
             line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
             same_run = key.startswith(SAME_RUN_FIELDS) and key not in DATA_LOGISTICS
             (blocking if same_run else other).append(line)
+    split_old, split_new = ([int(flat.get(k) or 1) for k in BATCH_SPLIT] for flat in (old, new))
+    if split_old[0] * split_old[1] != split_new[0] * split_new[1]:
+        def effective(bs: int, accum: int) -> str:
+            return f"{bs} x {processes} x {accum} = {bs * processes * accum}"
+
+        blocking.append(f"effective batch (train.batch_size x processes x train.gradient_accumulation_steps): "
+                        f"{effective(*split_old)} -> {effective(*split_new)}")
     return blocking, other
 
 
@@ -154,11 +167,13 @@ class Trainer:
 
     def _check_same_run(self, path: Path) -> None:
         saved = read_yaml(path / "config.yaml")
-        blocking, other = config_differences(saved, self.cfg)
+        self.resume_batch_size = int(saved.get("train", {}).get("batch_size") or self.cfg.train.batch_size)
+        blocking, other = config_differences(saved, self.cfg, self.accelerator.num_processes)
         if blocking:
             raise CheckpointError(
                 f"train.resume: {path} belongs to a different run; these fields differ (checkpoint -> now): "
-                f"{'; '.join(blocking)}. Resume with the checkpoint's config ({path / 'config.yaml'}), "
+                f"{'; '.join(blocking)}. Resume with the checkpoint's config "
+                f"(--config {shlex.quote(str(path / 'config.yaml'))}), "
                 "or start a new run with another --train.output_dir (or --train.resume none --train.overwrite true)")
         if other:
             print_main(self.accelerator, f"mmtrain: resuming {path} with changed settings: {'; '.join(other)}")
@@ -173,7 +188,7 @@ class Trainer:
                 dropped = keep_metrics_until(out / "metrics.jsonl", self.state.optimizer_step)
                 print_main(acc, f"mmtrain: {dropped} metrics.jsonl line(s) after the checkpoint will be trained again")
         elif existing and cfg.train.resume == "auto" and (out / "config.yaml").is_file() and \
-                not config_differences(read_yaml(out / "config.yaml"), cfg)[0]:
+                not config_differences(read_yaml(out / "config.yaml"), cfg, acc.num_processes)[0]:
             # `auto` with no checkpoint yet: the same run died before its first save. Start it over,
             # keeping its W&B files (a record of the attempt; they are not this run's any more).
             existing = [name for name in existing if name != "wandb"]
@@ -251,10 +266,27 @@ class Trainer:
         self.window.load_state_dict(rank["window"])
         self.epoch_window.load_state_dict(rank["epoch_window"])
         self.last_saved_step = self.state.optimizer_step
+        self.state.batches_in_epoch = self._data_position(self.state.batches_in_epoch, path)
         state = self.state
         print_main(self.accelerator, f"mmtrain: resuming from {path} (optimizer step {state.optimizer_step}, "
                    f"epoch {state.epoch} + {state.batches_in_epoch} batches)")
         return rank
+
+    def _data_position(self, batches: int, path: Path) -> int:
+        """The checkpoint's position in the epoch (micro-batches of its per-device batch size) in
+        micro-batches of this run's. The seedable sampler orders samples independently of the batch
+        size, so a position of ``batches * old`` samples per rank is the same point in the epoch."""
+        old, new = self.resume_batch_size, self.cfg.train.batch_size
+        if old == new or batches == 0:
+            return batches
+        old_epoch = math.ceil(self.train_samples / (old * self.accelerator.num_processes))
+        if batches >= old_epoch:  # saved after the epoch's last step, before its end-of-epoch work
+            return len(self.train_loader)
+        if batches * old % new:
+            raise CheckpointError(f"{path}: its data position ({batches} batches of {old} per device) is not a "
+                                  f"whole number of batches of train.batch_size={new}; resume with "
+                                  f"--train.batch_size {old}, or from a checkpoint taken at an epoch end")
+        return batches * old // new
 
     def run_config(self) -> dict[str, Any]:
         """The resolved config plus derived values, and the guide's flat names for easy charting."""
@@ -591,7 +623,7 @@ class Trainer:
             else:
                 lines.append("mmtrain: not requeued: the requeued job would not resume; add --train.resume auto")
         lines.append(f"mmtrain: continue with the same command and --train.resume auto "
-                     f"(or --train.resume {checkpoint})")
+                     f"(or --train.resume {shlex.quote(str(checkpoint))})")
         self.tracker.summary({"status": "preempted", "optimizer_steps": state.optimizer_step,
                               "checkpoint": str(checkpoint)})
         self.tracker.finish()
@@ -612,12 +644,21 @@ class Trainer:
         latest = self.checkpointer.complete()
         shown = ", ".join(f"{k} {v:.0f}" for k, v in figures.items())
         rank = f"rank {acc.process_index}, " if acc.num_processes > 1 else ""
+        # The smallest factor of the batch size splits it into equal micro-batches: the same effective
+        # batch, which resume accepts as the same run.
+        factor = next((f for f in range(2, bs + 1) if bs % f == 0), None)
+        if factor is None:
+            fix = ("train.batch_size is already 1: use --train.mixed_precision bf16 (or fp16 on a GPU), a smaller "
+                   "model, or fewer processes per device; then continue with the same command plus "
+                   "--train.resume auto")
+        else:
+            fix = (f"Keep the effective batch with smaller micro-batches: continue with the same command plus "
+                   f"--train.batch_size {bs // factor} --train.gradient_accumulation_steps {accum * factor} "
+                   f"--train.resume auto")
         return TrainingError(
             f"out of memory ({rank}{acc.device}) in optimizer step {state.optimizer_step + 1} with "
-            f"train.batch_size={bs} per device [{shown} MB]. Lower train.batch_size and raise "
-            f"train.gradient_accumulation_steps to keep the effective batch, e.g. --train.batch_size {max(bs // 2, 1)} "
-            f"--train.gradient_accumulation_steps {accum * 2}; then continue with --train.resume auto. The last "
-            f"checkpoint, {latest[-1] if latest else 'none yet'}, is intact. ({type(error).__name__})")
+            f"train.batch_size={bs} per device [{shown} MB]. {fix}. The last checkpoint, "
+            f"{latest[-1] if latest else 'none yet'}, is intact. ({type(error).__name__})")
 
     def finish(self) -> dict[str, Any]:
         acc, state = self.accelerator, self.state
@@ -666,7 +707,7 @@ class Trainer:
         if run_dir is None:
             lines.append("W&B:        disabled")
         elif mode == "offline":
-            lines.append(f"W&B run:    {run_dir}  (offline; upload with: wandb sync {run_dir})")
+            lines.append(f"W&B run:    {run_dir}  (offline; upload with: wandb sync {shlex.quote(str(run_dir))})")
         else:
             lines.append(f"W&B run:    {url or run_dir}")
         print_main(self.accelerator, *lines)

@@ -203,3 +203,57 @@ def test_tracker_refuses_a_record_for_an_earlier_step(tmp_path):
     tracker.log({"d": 4}, step=4)
     tracker.finish()
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [3, 4]
+
+
+def _record_trained_samples(monkeypatch, seen: list) -> None:
+    """Append (epoch, sample key) for every sample of every micro-batch whose backward ran."""
+    record = Trainer.record_micro_batch
+
+    def spy(self, batch, losses, outputs):
+        for pixels, ids in zip(batch["pixel_values"], batch["input_ids"], strict=True):
+            seen.append((self.state.epoch, hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), tuple(ids.tolist())))
+        return record(self, batch, losses, outputs)
+
+    monkeypatch.setattr(Trainer, "record_micro_batch", spy)
+
+
+def test_the_out_of_memory_remedy_continues_the_epoch_exactly(tmp_path, monkeypatch, capsys):
+    """OOM in step 5 (checkpoint at 4: 64 of 96 samples of epoch 0 trained), then the command the
+    message gives. Every sample of the interrupted epoch is trained exactly once."""
+    import collections
+    import re
+
+    args = ["train", "--config", str(TINY), "--train.output_dir", str(tmp_path), "--wandb.mode", "disabled",
+            "--checkpoint.every_steps", "2"]
+    trainers: list = []
+    before: list = []
+    _poison(monkeypatch, {5}, trainers, error=torch.OutOfMemoryError("CUDA out of memory"))
+    _record_trained_samples(monkeypatch, before)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    fix = re.search(r"continue with the same command plus (.*?)\. The last checkpoint", err)
+    assert fix, err
+    flags = fix.group(1).split()
+    assert flags == ["--train.batch_size", "8", "--train.gradient_accumulation_steps", "2", "--train.resume", "auto"]
+    monkeypatch.undo()
+    reset_accelerate()
+    after: list = []
+    _record_trained_samples(monkeypatch, after)
+    assert main(args + flags) == 0
+    interrupted = collections.Counter(tuple(key) for epoch, *key in before + after if epoch == 0)
+    full_epoch = collections.Counter(tuple(key) for epoch, *key in after if epoch == 1)
+    assert sum(full_epoch.values()) == 96
+    assert interrupted == full_epoch  # each sample once: none repeated, none skipped
+    steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "val/total_loss" in r]
+    assert steps == [6, 12]  # the same optimizer steps per epoch as the original split
+
+
+def test_resume_refuses_a_different_effective_batch_with_the_arithmetic(tmp_path, capsys):
+    args = ["train", "--config", str(TINY), "--train.output_dir", str(tmp_path), "--wandb.mode", "disabled",
+            "--train.max_steps", "2", "--checkpoint.every_steps", "2"]
+    assert main(args) == 0
+    reset_accelerate()
+    capsys.readouterr()
+    assert main([*args, "--train.batch_size", "8", "--train.resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "16 x 1 x 1 = 16 -> 8 x 1 x 1 = 8" in err and "Traceback" not in err

@@ -1,0 +1,50 @@
+"""Every command mmtrain prints works when pasted into a shell, whatever the paths hold."""
+
+import re
+import shlex
+import signal
+from pathlib import Path
+
+from conftest import TINY, reset_accelerate
+
+from mmtrain.cli import main
+from mmtrain.trainer import Trainer
+
+ODD = "My Drive/tiny run (it's $HOME)"
+
+
+def _pasted(text: str, pattern: str) -> list[str]:
+    """The shell words of the command that ``pattern`` (one group: the rest of the line) finds."""
+    found = re.search(pattern, text, re.MULTILINE)
+    assert found, text
+    return shlex.split(found.group(1))
+
+
+def test_the_final_report_quotes_the_wandb_sync_command(tmp_path, capsys):
+    out = tmp_path / ODD
+    assert main(["train", "--config", str(TINY), "--train.output_dir", str(out), "--train.max_steps", "2",
+                 "--wandb.mode", "offline", "--wandb.media_samples", "0"]) == 0
+    words = _pasted(capsys.readouterr().out, r"upload with: (wandb sync .*)\)$")
+    assert words[:2] == ["wandb", "sync"] and len(words) == 3
+    assert Path(words[2]).is_dir() and Path(words[2]).parent == out / "wandb"
+
+
+def test_the_preemption_hint_and_the_different_run_message_quote_paths(tmp_path, capsys, monkeypatch):
+    out = tmp_path / ODD
+    boundary = Trainer.at_step_boundary
+
+    def signalled(self, epoch_ends):
+        if self.state.optimizer_step == 2:
+            self.signals.received = signal.SIGTERM
+        return boundary(self, epoch_ends)
+
+    monkeypatch.setattr(Trainer, "at_step_boundary", signalled)
+    args = ["train", "--config", str(TINY), "--train.output_dir", str(out), "--wandb.mode", "disabled"]
+    assert main(args) == 0
+    words = _pasted(capsys.readouterr().out, r"\(or (--train\.resume .*)\)")
+    assert len(words) == 2 and (Path(words[1]) / "train_state.json").is_file()
+    monkeypatch.undo()
+    reset_accelerate()
+    assert main([*args, "--model.latent_dim", "16", "--train.resume", "auto"]) == 2
+    words = _pasted(capsys.readouterr().err, r"checkpoint's config \((--config .*?)\), or start")
+    assert len(words) == 2 and Path(words[1]).is_file()

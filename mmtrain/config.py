@@ -7,12 +7,13 @@ README can list it. Values are validated in ``__post_init__`` and every error na
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,10 +32,23 @@ def _require(cond: bool, section: str, name: str, why: str, value: Any) -> None:
         raise ConfigError(f"{section}.{name} {why} (got {value!r})")
 
 
+def _is_colour(spec: Any) -> bool:
+    from PIL import ImageColor  # the parser mmtrain.images uses, so a valid value always decodes
+
+    try:
+        ImageColor.getrgb(spec)
+    except Exception:  # ValueError for unknown names; TypeError/AttributeError for non-strings
+        return False
+    return True
+
+
 @dataclass
 class ModelConfig:
     image_size: int = _f(128, "Square image side in pixels; must be divisible by 2**image_encoder_layers.")
     image_channels: int = _f(3, "1 (grayscale) or 3 (RGB); images are converted on load.")
+    image_background: str = _f(
+        "white", "Colour transparent pixels are composited onto, as a viewer shows them (a PIL colour: white, "
+        "#f0f0f0, rgb(0,0,0)); saved with the model, so predict and retrieve use it too.")
     latent_dim: int = _f(1024, "Size of the image latent vector.")
     image_encoder_layers: int = _f(5, "Strided conv blocks in the encoder; each halves the image side.")
     base_channels: int = _f(64, "Channels of the first encoder block; doubled per block up to max_channels.")
@@ -63,6 +77,8 @@ class ModelConfig:
                      "embedding_dim", "transformer_layers", "attention_heads", "prefix_tokens"):
             _require(getattr(self, name) > 0, s, name, "must be > 0", getattr(self, name))
         _require(self.image_channels in (1, 3), s, "image_channels", "must be 1 or 3", self.image_channels)
+        _require(_is_colour(self.image_background), s, "image_background",
+                 "must be a colour PIL understands, e.g. white, #f0f0f0 or rgb(240,240,240)", self.image_background)
         _require(self.max_caption_length >= 3, s, "max_caption_length", "must be >= 3 ([BOS] word [EOS])",
                  self.max_caption_length)
         _require(1 <= self.text_layers < self.transformer_layers, s, "text_layers",
@@ -271,63 +287,146 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def coerce(key: str, value: Any, tp: Any) -> Any:
-    """Convert ``value`` (from YAML or a command-line string) to ``tp`` or raise ConfigError."""
+_TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
+_NULL = ("null", "none", "~", "")  # "" too: `entity:` with nothing after it is null in YAML
+
+
+def _optional_inner(tp: Any) -> Any:
+    (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    return inner
+
+
+def _accepted(tp: Any) -> str:
+    """What a field of type ``tp`` accepts, in words, for error messages."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+        return f"{_accepted(_optional_inner(tp))} or null"
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin is list:
+        return f"a list (a,b or [a, b]) whose items are each {_accepted(typing.get_args(tp)[0])}"
+    return {int: "an integer such as 16, 1_000 or 1e3", float: "a finite number such as 0.001 or 5e-4",
+            bool: "true or false (or yes/no, on/off)", str: "a string"}.get(tp, _type_name(tp))
+
+
+def _refused(key: str, value: Any, tp: Any) -> ConfigError:
+    return ConfigError(f"{key} must be {_accepted(tp)} (got {value!r})")
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` to ``tp``, or raise ConfigError naming ``key``, the value and what is accepted.
+
+    A scalar arrives as its text, the same from a config file (read_config_file keeps plain scalars as
+    written) and from the command line, so ``tags: 1.10`` and ``--wandb.tags 1.10`` both mean "1.10". A
+    file can also give a sequence or mapping (or a ``!!tagged`` value), and a Python caller of build_config
+    ints, floats, bools, None and lists. One rule per type:
+
+    - int: whole numbers in decimal, with underscores or in float notation ("16", "1_000", "1e3",
+      "1000.0"), an int, or a float with no fractional part. Refused: "1.5", "abc", "0x10", nan, inf, bools.
+    - float: what Python's float() reads ("5e-4", "1", ".5"), an int or a float, if finite: nan, inf and
+      -inf are refused, and so are bools.
+    - bool: true/false, yes/no, on/off in any case, or a bool. Refused: anything else, 1 and 0 included.
+    - str: the text exactly as written ("1.10", "no", "null" and "" stay text); an int or float becomes its
+      str(). Refused: sequences, mappings, bools, None.
+    - X | None: null, none, ~ (any case) or empty text mean None; anything else follows X's rule.
+    - Literal: one of the choices, as written (surrounding blanks ignored); a bool, which only a Python
+      caller or ``!!bool`` can give, means the choice no/false/off (yes/true/on) when there is one.
+    - list[X]: a sequence, item by item by X's rule. Text starting with [ or { is YAML flow syntax, so that
+      "[a, b]" is the same list on the command line as in a file and items may contain commas ("[a, 'b,c']");
+      other text is split on commas with blank items dropped ("a, b" -> ["a", "b"]; "2024" -> ["2024"];
+      "" -> []). Any other single value is a one-element list.
+    """
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NULL):
             return None
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return coerce(key, value, inner)
-    if isinstance(value, str) and tp is not str and origin is not Literal:
-        with contextlib.suppress(yaml.YAMLError):
-            value = yaml.safe_load(value)
+        try:
+            return coerce(key, value, _optional_inner(tp))
+        except ConfigError:
+            raise _refused(key, value, tp) from None  # "... or null": say everything that is accepted
     if origin is Literal:
         choices = typing.get_args(tp)
-        if isinstance(value, bool):  # YAML 1.1 reads a plain no/yes/off/on as a bool
-            value = next((c for c in (("yes", "true", "on") if value else ("no", "false", "off")) if c in choices),
-                         value)
-        if value not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))} (got {value!r})")
-        return value
+        choice = value.strip() if isinstance(value, str) else value
+        if isinstance(value, bool):
+            choice = next((c for c in (_TRUE if value else _FALSE) if c in choices), value)
+        if choice not in choices:
+            raise _refused(key, value, tp)
+        return choice
     if origin is list:
         (inner,) = typing.get_args(tp)
+        items = value if isinstance(value, (list, dict)) else [value]
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list (got {value!r})")
-        return [coerce(key, v, inner) for v in value]
+            text = value.strip()
+            if text.startswith(("[", "{")):
+                try:
+                    items = yaml.load(text, Loader=_TextLoader)
+                except yaml.YAMLError:
+                    raise _refused(key, value, tp) from None
+            else:
+                items = [item.strip() for item in text.split(",") if item.strip()]
+        if not isinstance(items, list):
+            raise _refused(key, value, tp)
+        try:
+            return [coerce(key, item, inner) for item in items]
+        except ConfigError:
+            raise _refused(key, value, tp) from None  # the whole value, as the user wrote it
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be true or false (got {value!r})")
+        text = value.strip().lower() if isinstance(value, str) else None
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise _refused(key, value, tp)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key} must be an integer (got {value!r})")
+        if isinstance(value, (str, float)):
+            # Decimal, not float: "1e20" and "12345678901234567891" stay exact.
+            try:
+                number = Decimal(value.strip() if isinstance(value, str) else value)
+            except InvalidOperation:
+                number = Decimal("nan")
+            # adjusted() bounds the digits as int("...") does: int(Decimal("1e999999999")) would not return.
+            if number.is_finite() and number == number.to_integral_value() and number.adjusted() < 4300:
+                return int(number)
+        raise _refused(key, value, tp)
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key} must be a number (got {value!r})")
-    if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except (ValueError, OverflowError):  # OverflowError: an int beyond the float range
+                number = math.nan
+            if math.isfinite(number):
+                return number
+        raise _refused(key, value, tp)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key} must be a string (got {value!r})")
+        raise _refused(key, value, tp)
     raise TypeError(f"unsupported config type {tp!r} for {key}")
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Parse a config file; a syntax error is reported with its line and column."""
+class _TextLoader(yaml.SafeLoader):
+    """SafeLoader that keeps every plain scalar as its text; only ``<<`` merge keys are still resolved.
+
+    YAML 1.1's resolver would type them first (``1.10`` -> 1.1, ``2024`` -> int, ``no`` -> False, while
+    ``1e3`` stays a string), so a value in a file would not mean what the same text means on the command
+    line. ``coerce`` applies each field's own rule to the text instead.
+    """
+
+    yaml_implicit_resolvers: typing.ClassVar[dict[Any, list]] = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag == "tag:yaml.org,2002:merge"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def _parse_yaml_file(path: str | Path, loader: type[yaml.SafeLoader]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.load(p.read_text(), Loader=loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -340,15 +439,32 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a config file for build_config, plain scalars kept as text (see coerce); a syntax error is
+    reported with its line and column."""
+    return _parse_yaml_file(path, _TextLoader)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML file that mmtrain wrote itself, with YAML's own types: a run's saved config.yaml, which
+    is compared with ``Config.to_dict()``. ``Config.to_yaml`` quotes every string that YAML would otherwise
+    type, so this reads back exactly the values saved. A user's config file goes through read_config_file."""
+    return _parse_yaml_file(path, yaml.SafeLoader)
+
+
 def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
                  source: str = "config") -> Config:
-    """Merge defaults < ``yaml_values`` (nested) < ``overrides`` (``{"section.field": value}``)."""
+    """Merge defaults < ``yaml_values`` (nested) < ``overrides`` (``{"section.field": value}``).
+
+    Values are coerced by the same rules whatever their source (see coerce): text from read_config_file or
+    the command line, or Python values.
+    """
     types_by_key = {key: tp for key, _, tp in iter_fields()}
     flat: dict[str, Any] = {}
     for section, values in (yaml_values or {}).items():
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown section {section!r}; expected one of {', '.join(SECTIONS)}")
-        if values is None:
+        if values is None or values == "":  # `model:` with nothing under it ("" as read_config_file reads it)
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {section!r} must be a mapping of fields")
@@ -365,8 +481,8 @@ def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str,
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``."""
-    return build_config(read_yaml(path) if path else {}, overrides, source=str(path or "config"))
+    """Defaults, then the config file at ``path`` (if any), then ``overrides`` (e.g. command-line text)."""
+    return build_config(read_config_file(path) if path else {}, overrides, source=str(path or "config"))
 
 
 def help_lines() -> list[tuple[str, str, str]]:

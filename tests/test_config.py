@@ -1,14 +1,19 @@
 """Config: precedence, presets, validation messages, coercion, dump round trip, CLI exit codes and help."""
 
+import functools
 import subprocess
 import sys
+import types
+import typing
 
 import pytest
 import yaml
 from conftest import REPO
 
+from mmtrain import cli
 from mmtrain.cli import main
 from mmtrain.config import (
+    SECTIONS,
     Config,
     ConfigError,
     ModelConfig,
@@ -16,6 +21,7 @@ from mmtrain.config import (
     field_default,
     iter_fields,
     load_config,
+    read_yaml,
 )
 
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
@@ -88,10 +94,11 @@ def test_unknown_field_names_it(yaml_values, overrides):
 
 
 @pytest.mark.parametrize(("key", "value", "needle"), [
-    ("train.epochs", "abc", "train.epochs must be an integer (got 'abc')"),
-    ("train.epochs", "2.5", "train.epochs must be an integer (got 2.5)"),
-    ("optim.lr", "fast", "optim.lr must be a number (got 'fast')"),
-    ("train.cpu", "maybe", "train.cpu must be true or false (got 'maybe')"),
+    ("train.epochs", "abc", "train.epochs must be an integer such as 16, 1_000 or 1e3 (got 'abc')"),
+    ("train.epochs", "2.5", "train.epochs must be an integer such as 16, 1_000 or 1e3 (got '2.5')"),
+    ("optim.lr", "fast", "optim.lr must be a finite number such as 0.001 or 5e-4 (got 'fast')"),
+    ("train.cpu", "maybe", "train.cpu must be true or false (or yes/no, on/off) (got 'maybe')"),
+    ("data.val_split", ["a"], "data.val_split must be a string or null (got ['a'])"),
     ("train.mixed_precision", "fp8", "train.mixed_precision must be one of no, fp16, bf16 (got 'fp8')"),
     ("wandb.mode", "sometimes", "wandb.mode must be one of auto, online, offline, disabled (got 'sometimes')"),
     ("wandb.tags", "{a: 1}", "wandb.tags must be a list"),
@@ -197,7 +204,7 @@ def test_numbers_and_strings_coercion():
     assert cfg.optim.min_lr == 1e-5
     assert isinstance(cfg.train.epochs, int) and cfg.train.epochs == 3
     assert cfg.wandb.project == "42" and cfg.data.val_split == "val"
-    with pytest.raises(ConfigError, match=r"optim\.lr must be a number"):
+    with pytest.raises(ConfigError, match=r"optim\.lr must be a finite number"):
         build_config({}, {"optim.lr": True})  # a bool is not a number
 
 
@@ -215,6 +222,156 @@ def test_mixed_precision_no_in_a_yaml_file(tmp_path):
 
 def test_mixed_precision_no_on_the_command_line():
     assert build_config({}, {"train.mixed_precision": "no"}).train.mixed_precision == "no"
+
+
+# --- one rule per type, the same from a config file and from the command line ---------------------------
+
+
+class Refused(str):
+    """An expected refusal; the message says the field 'must be' this (and shows the value)."""
+
+    def __repr__(self) -> str:
+        return f"refused ('must be {self}')"
+
+
+INT_CASES = [("16", 16), ("-3", -3), ("0", 0), ("1_000", 1000), ("1e3", 1000), ("1000.0", 1000), ("2.5e1", 25),
+             ("12345678901234567891", 12345678901234567891)] + [
+    (text, Refused("an integer")) for text in ("1.5", "abc", "0x10", "yes", "true", "nan", "inf", "1e-3", "")]
+FLOAT_CASES = [("5e-4", 5e-4), ("1.0e-3", 1e-3), ("1", 1.0), ("1.10", 1.1), ("-2", -2.0), ("1_000.5", 1000.5)] + [
+    (text, Refused("a finite number")) for text in ("inf", "-inf", "nan", ".inf", "1e999", "fast", "true", "")]
+BOOL_CASES = [("true", True), ("True", True), ("yes", True), ("ON", True), ("false", False), ("No", False),
+              ("off", False)] + [(text, Refused("true or false")) for text in ("1", "0", "maybe", "")]
+STR_CASES = [(text, text) for text in ("hello", "1.10", "2024", "1e3", "no", "null", "~", "a,b", "")]
+OPTIONAL_STR_CASES = [(text, None) for text in ("null", "None", "NULL", "~", "")] + [
+    (text, text) for text in ("val", "1.10", "no", "2024")]
+LIST_CASES = [("2024", ["2024"]), ("1.10,2.0", ["1.10", "2.0"]), ("a, b", ["a", "b"]), ("a,b,", ["a", "b"]),
+              ("[a, b]", ["a", "b"]), ("[1.10, no, null]", ["1.10", "no", "null"]), ("[a, 'b,c']", ["a", "b,c"]),
+              ("", []), ("[]", [])] + [(text, Refused("a list")) for text in ("{a: 1}", "[a, [b]]")]
+
+
+def _cases(tp):
+    """The cases of the rule for type ``tp``; a type without one gets a case that fails, naming it."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return [(str(c), c) for c in typing.get_args(tp)] + [("nope", Refused("one of"))]
+    if origin in (typing.Union, types.UnionType) and set(typing.get_args(tp)) == {str, type(None)}:
+        return OPTIONAL_STR_CASES
+    if origin is list and typing.get_args(tp) == (str,):
+        return LIST_CASES
+    known = {int: INT_CASES, float: FLOAT_CASES, bool: BOOL_CASES, str: STR_CASES}
+    return known.get(tp, [(None, f"no rule for type {tp!r}: add its cases to test_config.py")])
+
+
+class _Loaded(Exception):
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+
+@pytest.fixture
+def train_cli(monkeypatch, capsys):
+    """``mmtrain train ARGV`` up to its config: the Config it would train with, or its one-line error.
+
+    The real main -> argparse -> run_train -> load_config path; only what follows load_config is cut off.
+    """
+    def load_and_stop(*args, **kwargs):
+        raise _Loaded(load_config(*args, **kwargs))
+
+    monkeypatch.setattr(cli, "load_config", load_and_stop)
+    monkeypatch.setattr(cli, "build_parser", functools.cache(cli.build_parser))  # hundreds of runs: build it once
+
+    def run(*argv):
+        capsys.readouterr()
+        try:
+            code = main(["train", *argv])
+        except _Loaded as loaded:
+            return loaded.cfg
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith("mmtrain: error: "), err
+        return ConfigError(err[0].removeprefix("mmtrain: error: "))
+
+    return run
+
+
+@pytest.fixture
+def no_validation(monkeypatch):
+    """Only coercion: the sections' range checks (e.g. epochs > 0) would refuse many of the table's values."""
+    for cls in SECTIONS.values():
+        monkeypatch.setattr(cls, "__post_init__", lambda self: None)
+
+
+def _outcome(result, key):
+    if isinstance(result, ConfigError):
+        return result
+    section, name = key.split(".")
+    return getattr(getattr(result, section), name)
+
+
+@pytest.mark.usefixtures("no_validation")
+@pytest.mark.parametrize(("key", "tp"), [(key, tp) for key, _, tp in iter_fields()], ids=lambda v: str(v))
+def test_every_field_reads_a_value_the_same_from_yaml_and_command_line(key, tp, train_cli, tmp_path):
+    section, name = key.split(".")
+    problems = []
+    for i, (text, expected) in enumerate(_cases(tp)):
+        assert text is not None, expected
+        path = _write(tmp_path, f"{section}:\n  {name}: {text}\n", f"case{i}.yaml")
+        from_yaml = _outcome(train_cli("--config", str(path)), key)
+        from_cli = _outcome(train_cli(f"--{key}={text}"), key)  # = keeps "-inf" a value, not an option
+        case = f"{key} {text!r}: YAML -> {from_yaml!r}, command line -> {from_cli!r}, expected {expected!r}"
+        if isinstance(expected, Refused):
+            wanted = f"{key} must be {expected}"
+            ok = all(isinstance(r, ConfigError) and str(r).startswith(wanted) for r in (from_yaml, from_cli))
+            # The same message, value included, except that YAML shows a flow collection ([..], {..}) parsed.
+            same = ok and (str(from_yaml).split(" (got ")[0] == str(from_cli).split(" (got ")[0]
+                           if text.startswith(("[", "{")) else str(from_yaml) == str(from_cli))
+            if not (same and str(from_cli).endswith(f"(got {text!r})")):
+                problems.append(case)
+        elif not all(r == expected and type(r) is type(expected) for r in (from_yaml, from_cli)):
+            problems.append(case)
+    assert not problems, "\n".join(problems)
+
+
+def test_issue_examples(train_cli, tmp_path):
+    assert train_cli("--wandb.tags", "2024").wandb.tags == ["2024"]
+    assert train_cli("--wandb.tags", "1.10,2.0").wandb.tags == ["1.10", "2.0"]
+    assert train_cli("--config", str(_write(tmp_path, "wandb:\n  tags: 1.10\n"))).wandb.tags == ["1.10"]
+
+    for text in ("inf", "nan"):
+        err = train_cli("--optim.lr", text)
+        assert str(err) == f"optim.lr must be a finite number such as 0.001 or 5e-4 (got '{text}')"
+    assert "finite" in str(train_cli("--optim.lr=-inf"))
+    assert "finite" in str(train_cli("--config", str(_write(tmp_path, "optim:\n  lr: .inf\n"))))
+
+    assert train_cli("--config", str(_write(tmp_path, "train:\n  max_steps: 1e3\n"))).train.max_steps == 1000
+    assert train_cli("--train.max_steps", "1000.0").train.max_steps == 1000
+    assert train_cli("--train.max_steps", "1e3").train.max_steps == 1000
+
+
+def test_yaml_collection_for_a_scalar_field_is_refused(tmp_path):
+    # The command line has no collections for these: there "[a, b]" is simply the text.
+    with pytest.raises(ConfigError, match=r"wandb\.name must be a string or null \(got \['a', 'b'\]\)"):
+        load_config(_write(tmp_path, "wandb:\n  name: [a, b]\n"))
+    with pytest.raises(ConfigError, match=r"train\.epochs must be an integer"):
+        load_config(_write(tmp_path, "train:\n  epochs: {a: 1}\n"))
+    assert build_config({}, {"wandb.name": "[a, b]"}).wandb.name == "[a, b]"
+
+
+def test_explicit_yaml_tags_and_merge_keys_still_work(tmp_path):
+    cfg = load_config(_write(tmp_path, "train:\n  epochs: !!int 4\n  cpu: !!bool yes\n"
+                                       "model:\n  <<: {latent_dim: 64}\n  dropout: 0.0\n"))
+    assert (cfg.train.epochs, cfg.train.cpu, cfg.model.latent_dim) == (4, True, 64)
+    with pytest.raises(ConfigError, match=r"optim\.lr must be a finite number"):
+        load_config(_write(tmp_path, "optim:\n  lr: !!float nan\n"))
+
+
+def test_saved_config_reads_back_as_to_dict(tmp_path):
+    """The trainer compares a run's saved config.yaml, read with read_yaml, with Config.to_dict()."""
+    cfg = build_config({}, {"wandb.tags": "[1.10, no, 2024, '']", "wandb.project": "1e3", "wandb.name": "yes",
+                            "data.image_column": "null", "train.mixed_precision": "no", "optim.lr": "5e-4"})
+    assert cfg.wandb.tags == ["1.10", "no", "2024", ""] and cfg.data.image_column == "null"
+    cfg.dump(tmp_path / "config.yaml")
+    assert read_yaml(tmp_path / "config.yaml") == cfg.to_dict()
+    assert load_config(tmp_path / "config.yaml") == cfg
 
 
 # --- dump ---------------------------------------------------------------------------------------------------

@@ -40,13 +40,28 @@ def has_wandb_credentials() -> bool:
 
 
 def resolve_mode(requested: str) -> str:
-    """``auto`` -> online with credentials, else offline. ``online`` without them -> offline, warned."""
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "online") and requested == "auto":
-        return os.environ["WANDB_MODE"]
+    """The mode mmtrain asks ``wandb.init`` for (as ``mode=``, which wandb ranks above ``WANDB_MODE``).
+
+    An explicit ``wandb.mode`` (online, offline, disabled) wins over ``WANDB_MODE``. Under ``auto``,
+    ``WANDB_MODE`` wins when it names a W&B mode (``online``/``run``, ``offline``/``dryrun``,
+    ``disabled``); otherwise auto is online with credentials and offline without. Online without
+    credentials, whichever way it was asked for, logs offline with a warning: wandb would prompt for
+    a login on a terminal, and a job must never wait on one.
+    """
+    asked = f"wandb.mode={requested}"
     if requested == "auto":
-        return "online" if has_wandb_credentials() else "offline"
+        env = os.environ.get("WANDB_MODE", "").strip()
+        env_modes = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+                     "disabled": "disabled"}
+        if env in env_modes:
+            requested, asked = env_modes[env], f"WANDB_MODE={env}"
+        else:
+            if env:
+                warnings.warn(f"W&B: WANDB_MODE={env!r} is not online, offline or disabled; ignoring it "
+                              "(wandb.mode=auto).", stacklevel=2)
+            return "online" if has_wandb_credentials() else "offline"
     if requested == "online" and not has_wandb_credentials():
-        warnings.warn("wandb.mode=online but no W&B credentials were found (WANDB_API_KEY or `wandb login`); "
+        warnings.warn(f"{asked} but no W&B credentials were found (WANDB_API_KEY or `wandb login`); "
                       "logging offline instead. Upload later with `wandb sync`.", stacklevel=2)
         return "offline"
     return requested

@@ -219,7 +219,8 @@ class CheckpointConfig:
 @dataclass
 class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = _f(
-        "auto", "auto: online when W&B credentials exist (WANDB_API_KEY or ~/.netrc), else offline.")
+        "auto", "auto: $WANDB_MODE if set, else online when W&B credentials exist (WANDB_API_KEY or ~/.netrc), "
+        "else offline. An explicit online/offline/disabled wins over $WANDB_MODE.")
     project: str = _f("multimodal-engravings", "W&B project.")
     entity: str | None = _f(None, "W&B entity (team or user); null = your default.")
     name: str | None = _f(None, "Run name; null lets W&B pick one.")

@@ -26,11 +26,23 @@ def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         usage="mmtrain train [-h] [--config FILE.yaml] [--section.field VALUE ...]",
     )
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of sections model/data/optim/train/wandb")
+    _add_config_options(p)
+    return p
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    """One ``--section.field VALUE`` option per config field, grouped by section. Unset options are
+    absent from the parsed namespace (SUPPRESS), so only what the user typed overrides the file."""
     groups = {s: p.add_argument_group(f"{s} options") for s in SECTIONS}
     for flag, type_name, text in help_lines():
         section = flag[2:].split(".", 1)[0]
-        groups[section].add_argument(flag, dest=flag[2:], metavar=type_name.replace(" ", "_"), help=text)
-    return p
+        groups[section].add_argument(flag, dest=flag[2:], metavar=type_name.replace(" ", "_"), help=text,
+                                     default=argparse.SUPPRESS)
+
+
+def _config_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The ``--section.field`` values given on the command line, as ``{"section.field": text}``."""
+    return {k: v for k, v in vars(args).items() if "." in k}
 
 
 def _device_and_batch(p: argparse.ArgumentParser) -> None:
@@ -76,12 +88,20 @@ def _export_data_parser(sub: argparse._SubParsersAction) -> None:
                     "engravings) as DIR/<name>.png plus DIR/metadata.jsonl (file_name, caption): the imagefolder "
                     "layout mmtrain trains on, and images to try `mmtrain predict` on.",
         epilog="example:\n  mmtrain export-data --config configs/laptop.yaml --split validation --count 50 "
-               "--out val_images/",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE.yaml", help="the training config whose data section to read")
+               "--out val_images/\n\nThe --section.field options are train's: pass the ones you trained with to "
+               "export the same data.\nEach image is written as the model's decoder sees it (EXIF orientation "
+               "applied, transparency composited,\ngray or RGB per model.image_channels), losslessly: .png, or "
+               ".tiff for float images.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="mmtrain export-data [-h] [--config FILE.yaml] [--split {train,validation}] [--count N] --out DIR "
+              "[--section.field VALUE ...]")
+    p.add_argument("--config", metavar="FILE.yaml", help="the training config whose data and model sections to "
+                                                         "read (the model's image_channels and image_background "
+                                                         "decide how images are written)")
     p.add_argument("--split", choices=["train", "validation"], default="validation")
-    p.add_argument("--count", type=int, default=0, help="first N samples (default 0 = all)")
+    p.add_argument("--count", metavar="N", type=int, default=0, help="first N samples (default 0 = all)")
     p.add_argument("--out", metavar="DIR", required=True, help="folder to write (must not exist or be empty)")
+    _add_config_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +159,7 @@ def _resolve_device(name: str) -> str:
 
 
 def _report_failures(failures: list) -> int:
+    """One line per input that could not be used; exit 2 (bad input) if there was any, as the README says."""
     for failure in failures:
         print(f"mmtrain: error: {failure.path}: {failure.reason}", file=sys.stderr, flush=True)
     return 2 if failures else 0
@@ -153,9 +174,11 @@ def run_predict(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from mmtrain.inference import find_images, load_pretrained, predict
 
+    out = Path(args.out).expanduser() if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file; give a folder to write the predictions into")
     model, tokenizer = load_pretrained(args.model_dir, _resolve_device(args.device))
     paths, failures = find_images(args.inputs)
-    out = Path(args.out).expanduser() if args.out else None
     records, bad = predict(model, tokenizer, paths, out, args.batch_size, args.max_length,
                            progress=sys.stderr.isatty())
     for r in records:
@@ -188,8 +211,9 @@ def run_retrieve(args: argparse.Namespace) -> int:
         labels, names = args.query, [str(p) for p in kept]
         hits = top_k(embed_captions(model, tokenizer, labels), keys, args.top) if kept else [[] for _ in labels]
     else:
-        captions = read_captions(args.captions)
-        paths, failures = find_images(args.image)
+        captions, failures = read_captions(args.captions)
+        paths, missing = find_images(args.image)
+        failures += missing
         kept, queries_emb, bad = embed_images(model, paths, args.batch_size, progress)
         labels, names = [str(p) for p in kept], captions
         hits = top_k(queries_emb, embed_captions(model, tokenizer, captions), args.top) if kept else []
@@ -206,31 +230,49 @@ def run_retrieve(args: argparse.Namespace) -> int:
 
 
 def run_export_data(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
     from pathlib import Path
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, _config_overrides(args))
     out = Path(args.out).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {str(out)!r} already holds files; choose a new or empty folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {str(out)!r} already exists and is not an empty folder; choose a new or empty folder")
     if args.count < 0:
         raise UserError(f"--count {args.count}: must be >= 0")
     _quiet_libraries()
-    from mmtrain.data import load_splits
+    from mmtrain.data import load_splits, undecoded
+    from mmtrain.images import ImageDecodeError, save_lossless, viewed_image
+    from mmtrain.inference import Failure
 
-    train, val = load_splits(cfg.data, cfg.model)
-    ds = train if args.split == "train" else val
+    # An unreadable image is one sample's problem: skip it (the split is then the one training with
+    # data.skip_bad_samples uses) and name it below, instead of refusing the whole export.
+    data = dataclasses.replace(cfg.data, skip_bad_samples=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="data.skip_bad_samples")  # reported per sample below
+        splits = load_splits(data, cfg.model)
+    failures = [Failure(name, f"cannot be read as an image: {reason}; skipped")
+                for name, reason in zip(splits.skipped, splits.skipped_reasons, strict=True)]
+    ds = undecoded(splits.train if args.split == "train" else splits.val)
     n = min(args.count or len(ds), len(ds))
     out.mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n):
         row = ds[i]
-        name = f"{args.split}_{i:05d}.png"
-        row["image"].save(out / name)
-        lines.append(json.dumps({"file_name": name, "caption": row["caption"]}))
-    (out / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    print(f"wrote {n} images and metadata.jsonl to {out}")
-    return 0
+        image = row["image"]
+        try:
+            # The image as the model's decoder sees it, saved losslessly: training on this folder, or
+            # predicting on these files, gives the tensors training on the source gives.
+            viewed = viewed_image(image, cfg.model.image_channels, cfg.model.image_background)
+        except ImageDecodeError as e:
+            path = image.get("path") if isinstance(image, dict) else None
+            failures.append(Failure(path or f"split {args.split} row {i}", f"cannot be read as an image: {e}; skipped"))
+            continue
+        written = save_lossless(viewed, out / f"{args.split}_{i:05d}")
+        lines.append(json.dumps({"file_name": written.name, "caption": row["caption"]}))
+    (out / "metadata.jsonl").write_text("".join(line + "\n" for line in lines))
+    print(f"wrote {len(lines)} images and metadata.jsonl to {out}")
+    return _report_failures(failures)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

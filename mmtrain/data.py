@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 
 from mmtrain.config import DataConfig, ModelConfig
 from mmtrain.errors import DataError
+from mmtrain.images import decode_image
 from mmtrain.resilience import ignore_stop_signals, reap_workers_at_exit
 from mmtrain.sources import load_raw
 from mmtrain.tokenizer import encode
@@ -38,11 +39,13 @@ NAMED_BAD_SAMPLES = 3
 @dataclass
 class Splits:
     """What ``load_splits`` returns. Unpacks as ``train, val``; ``skipped`` names the samples whose
-    image could not be read and that ``data.skip_bad_samples`` dropped (empty otherwise)."""
+    image could not be read and that ``data.skip_bad_samples`` dropped (empty otherwise), and
+    ``skipped_reasons`` says why, in the same order."""
 
     train: Any
     val: Any
     skipped: tuple[str, ...] = ()
+    skipped_reasons: tuple[str, ...] = ()
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.train, self.val))
@@ -108,26 +111,21 @@ def _standardise(ds: Any, cfg: DataConfig, split: str) -> Any:
 def _decode_errors(images: list[Any]) -> dict[str, list[str]]:
     """For a batch of undecoded images: '' for each that decodes fully, else why it does not.
 
-    Module-level and pure so that datasets can hash it: the map result is then cached under a
-    fingerprint of the data and this code, and a second run reuses it.
+    Decoded by ``mmtrain.images.viewed_image``, the decoder training and inference use (a full
+    decode: opening reads only the header, only decoding finds a truncated file), so an image that
+    passes here decodes in training. Whether it decodes does not depend on the model's channels or
+    background, so the defaults serve. Module-level and pure so that datasets can hash it: the map
+    result is then cached under a fingerprint of the data and this code, and a second run reuses it.
     """
-    import datasets
-    from PIL import UnidentifiedImageError
+    from mmtrain.images import ImageDecodeError, viewed_image
 
     errors = []
     for value in images:
         try:
-            # datasets' own decoder (local file, bytes or hub path, as training will read it), then
-            # load(): opening reads only the header, only a full decode finds a truncated file.
-            image = datasets.Image().decode_example(value)
-            image.load()
-            image.close()
+            viewed_image(value).close()
             errors.append("")
-        except UnidentifiedImageError:
-            errors.append("not an image file PIL can read")
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-            text = getattr(e, "strerror", None) or str(e).strip()  # strerror: the reason without the path
-            errors.append(text.splitlines()[0] if text else type(e).__name__)
+        except ImageDecodeError as e:  # the decoder turns every failure into a one-line reason
+            errors.append(str(e))
     return {"error": errors}
 
 
@@ -148,12 +146,14 @@ def _unreadable_images(ds: Any, split: str, cfg: DataConfig) -> list[tuple[int, 
     return [(row, error) for row, error in enumerate(checked["error"]) if error]
 
 
-def _drop_unreadable(parts: dict[str, Any], cfg: DataConfig) -> tuple[dict[str, Any], tuple[str, ...]]:
+def _drop_unreadable(parts: dict[str, Any], cfg: DataConfig
+                     ) -> tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]:
     """Check every image of each split: stop naming the first few that cannot be read, or, with
-    data.skip_bad_samples, drop them all with one warning. Returns the parts and the dropped names."""
+    data.skip_bad_samples, drop them all with one warning. Returns the parts, the dropped names and
+    why each could not be read."""
     bad = {split: _unreadable_images(ds, split, cfg) for split, ds in parts.items()}
     if not any(bad.values()):
-        return parts, ()
+        return parts, (), ()
     names, reasons = [], []
     for split, rows in bad.items():
         names += _sample_names(parts[split], [row for row, _ in rows], split, cfg)
@@ -172,7 +172,7 @@ def _drop_unreadable(parts: dict[str, Any], cfg: DataConfig) -> tuple[dict[str, 
         if rows:
             drop = {row for row, _ in rows}
             parts[split] = parts[split].select([i for i in range(len(parts[split])) if i not in drop])
-    return parts, tuple(names)
+    return parts, tuple(names), tuple(reasons)
 
 
 def load_splits(data: DataConfig, model: ModelConfig) -> Splits:
@@ -186,32 +186,41 @@ def load_splits(data: DataConfig, model: ModelConfig) -> Splits:
     # Checked before any hold-out split, so that a row index in a message is the row in the user's split.
     parts = {name: _standardise(raw[name], data, name) for name in (train_name, val_name) if name is not None}
     skipped: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
     if data.source != "synthetic":  # we draw the synthetic images ourselves; the user's could be anything
-        parts, skipped = _drop_unreadable(parts, data)
+        parts, skipped, reasons = _drop_unreadable(parts, data)
     train = parts[train_name]
     train, val = (train, parts[val_name]) if val_name is not None else _hold_out(train, data)
     if len(train) == 0 or len(val) == 0:
         split = "train" if len(train) == 0 else "validation"
         why = f" after skipping {len(skipped)} unreadable image(s)" if skipped else ""
         raise DataError(f"data.path={data.path!r}: the {split} split is empty{why}")
-    return Splits(train, val, skipped)
+    return Splits(train, val, skipped, reasons)
 
 
 def image_transform(model: ModelConfig) -> Callable[[Any], torch.Tensor]:
-    """PIL image -> float tensor in [0, 1] of shape (C, S, S): the model's view of any image,
-    in training and at inference alike (gray or RGB per ``image_channels``, resize, centre crop)."""
-    pipeline = v2.Compose([
-        v2.Resize(model.image_size, antialias=True),
-        v2.CenterCrop(model.image_size),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-    ])
-    mode = "L" if model.image_channels == 1 else "RGB"
-    return lambda image: pipeline(image.convert(mode))
+    """Image -> float32 tensor in [0, 1] of shape (C, S, S), C = ``image_channels``, S = ``image_size``:
+    the model's view of any image, in training and at inference alike.
+
+    The image (a path, bytes, a ``datasets`` image dict or a PIL image) is decoded by
+    :func:`mmtrain.images.decode_image` (EXIF orientation, transparency composited onto
+    ``image_background``, every Pillow mode to the values a viewer shows), then goes through the one
+    geometric transform: the shorter side resized to S (antialiased bilinear, on the float values, so
+    16-bit images keep their precision), then a centre crop to S x S (the longer side loses equal
+    margins; the image is never squashed). Raises ``mmtrain.images.ImageDecodeError``.
+    """
+    geometry = v2.Compose([v2.Resize(model.image_size, antialias=True), v2.CenterCrop(model.image_size)])
+
+    def transform(image: Any) -> torch.Tensor:
+        pixels = decode_image(image, model.image_channels, model.image_background)
+        return geometry(pixels).clamp_(0.0, 1.0)  # bilinear weights are convex; this only absorbs rounding
+
+    return transform
 
 
 def make_transform(tokenizer: Any, model: ModelConfig) -> Callable[[dict], dict]:
-    """Batch transform: PIL image -> float tensor in [0, 1] (C, S, S); caption -> ids + mask."""
+    """Batch transform: image (undecoded ``datasets`` value or PIL image) -> float tensor in [0, 1]
+    (C, S, S) by :func:`image_transform`; caption -> ids + mask."""
     to_tensor = image_transform(model)
 
     def transform(batch: dict) -> dict:
@@ -223,6 +232,19 @@ def make_transform(tokenizer: Any, model: ModelConfig) -> Callable[[dict], dict]
     return transform
 
 
+def undecoded(ds: Any) -> Any:
+    """``ds`` with its ``image`` column handed over undecoded (``{"bytes", "path"}`` dicts), for
+    :func:`make_transform` to decode with mmtrain's decoder: ``datasets``' own decoder drops alpha and
+    reads 16-bit images differently, and predict/retrieve must see what training sees. A cheap cast
+    (only the feature's decode flag changes); ``ds`` itself keeps decoding to PIL images."""
+    import datasets
+
+    feature = ds.features.get("image")
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return ds.cast_column("image", datasets.Image(decode=False))
+    return ds
+
+
 def build_dataloader(ds: Any, tokenizer: Any, model: ModelConfig, batch_size: int, num_workers: int,
                      shuffle: bool, seed: int, pin_memory: bool = False) -> DataLoader:
     """A plain torch DataLoader over the lazily transformed dataset; Accelerate shards it later."""
@@ -231,7 +253,7 @@ def build_dataloader(ds: Any, tokenizer: Any, model: ModelConfig, batch_size: in
     if num_workers > 0:
         reap_workers_at_exit()
     return DataLoader(
-        ds.with_transform(make_transform(tokenizer, model)),
+        undecoded(ds).with_transform(make_transform(tokenizer, model)),
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
@@ -245,5 +267,5 @@ def build_dataloader(ds: Any, tokenizer: Any, model: ModelConfig, batch_size: in
 
 def fixed_batch(ds: Any, tokenizer: Any, model: ModelConfig, n: int) -> dict:
     """The first ``n`` samples of ``ds`` as one transformed batch (for media that must not change)."""
-    view = ds.with_transform(make_transform(tokenizer, model))
+    view = undecoded(ds).with_transform(make_transform(tokenizer, model))
     return default_collate([view[i] for i in range(min(n, len(ds)))])

@@ -1,9 +1,11 @@
 """Use an exported model: caption and reconstruct images, and retrieve images <-> captions.
 
 Everything here works from the exported ``model/`` folder alone (safetensors weights,
-``config.json``, tokenizer files), on CPU or GPU. Images go through the same transform as in
-training (:func:`mmtrain.data.image_transform`), so the model sees them exactly as it learned to.
-A file that is missing or not a readable image is reported and skipped; the others are processed.
+``config.json``, tokenizer files), on CPU or GPU. Images go through the same decoder and transform as
+in training (:func:`mmtrain.data.image_transform`, built on :mod:`mmtrain.images`), so the model is
+fed bitwise the tensor it would have been fed in training for the same file. A file that is missing
+or cannot be decoded for any reason, or a caption row that is not a caption, is reported (a
+:class:`Failure` naming it) and skipped; the others are processed.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mmtrain.config import ModelConfig
 from mmtrain.data import image_transform
 from mmtrain.errors import ModelDirError, UserError
+from mmtrain.images import ImageDecodeError
 from mmtrain.media import reconstruction_grid, to_uint8
 from mmtrain.model import MultimodalModel
 from mmtrain.tokenizer import encode, load_tokenizer
@@ -34,6 +37,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 @dataclass
 class Failure:
+    """One input that could not be used: ``path`` names the file (and row), ``reason`` is one line."""
+
     path: str
     reason: str
 
@@ -53,8 +58,14 @@ def load_pretrained(model_dir: str | Path, device: str | torch.device = "cpu"
         saved = json.loads((root / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise ModelDirError(f"{root / 'config.json'}: not valid JSON (line {e.lineno}); re-export the model") from None
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown, absent = sorted(set(saved) - fields), sorted(fields - set(saved))
+    if not isinstance(saved, dict):
+        raise ModelDirError(f"{root / 'config.json'}: not a JSON object of model fields; re-export the model")
+    fields = dataclasses.fields(ModelConfig)
+    # A field added after the model was exported takes its default (the value every model had before
+    # the field existed, e.g. image_background); a field this version does not know is refused.
+    unknown = sorted(set(saved) - {f.name for f in fields})
+    absent = sorted(f.name for f in fields if f.name not in saved
+                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
     if unknown or absent:
         raise ModelDirError(
             f"{root / 'config.json'} was written by an incompatible mmtrain version "
@@ -95,19 +106,17 @@ def find_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Failure]
     return found, failures
 
 
-def _load_images(paths: Sequence[Path], config: ModelConfig) -> tuple[list[Path], list[Tensor], list[Failure]]:
+def load_images(paths: Sequence[Path], config: ModelConfig) -> tuple[list[Path], list[Tensor], list[Failure]]:
+    """The model's view of each image, (C, S, S) float32 in [0, 1], by the training transform: (the
+    paths that decoded, their tensors, a Failure for each that did not, whatever the decoder raised)."""
     to_tensor = image_transform(config)
     ok, tensors, failures = [], [], []
     for path in paths:
         try:
-            with Image.open(path) as img:
-                img.load()  # decode now: a truncated file fails here, not later
-                tensors.append(to_tensor(img))
+            tensors.append(to_tensor(path))
             ok.append(path)
-        except UnidentifiedImageError:
-            failures.append(Failure(str(path), "not an image file PIL can read"))
-        except (OSError, ValueError) as e:
-            failures.append(Failure(str(path), f"unreadable image ({e})"))
+        except ImageDecodeError as e:  # the decoder turns any exception for one file into this
+            failures.append(Failure(str(path), f"cannot be read as an image: {e}"))
     return ok, tensors, failures
 
 
@@ -138,7 +147,7 @@ def predict(model: MultimodalModel, tokenizer: object, paths: Sequence[Path], ou
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     for chunk in _batches(paths, batch_size, progress, "predict"):
-        ok, tensors, bad = _load_images(chunk, model.config)
+        ok, tensors, bad = load_images(chunk, model.config)
         failures += bad
         if not ok:
             continue
@@ -172,7 +181,7 @@ def embed_images(model: MultimodalModel, paths: Sequence[Path], batch_size: int 
     parts: list[Tensor] = []
     failures: list[Failure] = []
     for chunk in _batches(paths, batch_size, progress, "embed images"):
-        ok, tensors, bad = _load_images(chunk, model.config)
+        ok, tensors, bad = load_images(chunk, model.config)
         failures += bad
         if ok:
             kept += ok
@@ -197,25 +206,94 @@ def top_k(query: Tensor, keys: Tensor, k: int) -> list[list[tuple[int, float]]]:
     return [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
 
 
-def read_captions(path: str | Path) -> list[str]:
-    """Captions for image->text retrieval: a text file with one per line, or a metadata.jsonl /
-    .csv with a ``caption`` or ``text`` column."""
+# Caption files read by datasets' packaged builders, the readers behind imagefolder's metadata files.
+CAPTION_READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+CAPTION_COLUMNS = ("caption", "text")
+
+
+def _jsonl_problem(file: Path) -> str | None:
+    """The first line of a JSON-lines file that is not a JSON object, named by line number; datasets'
+    own message gives a row within a block, not the file's line."""
+    try:
+        text = file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 text (byte {e.start})"
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {n} is not valid JSON ({e.msg}); write one JSON object per line"
+        if not isinstance(record, dict):
+            return f"line {n} is not a JSON object; write one {{\"caption\": ...}} per line"
+    return None
+
+
+def _read_table(file: Path) -> tuple[list[str], list[dict]]:
+    """(column names, rows) of a metadata file, read as training reads imagefolder metadata: by
+    ``datasets``' json/csv/parquet builders (so a UTF-8 BOM, CSV quoting, ... mean the same thing)."""
+    import tempfile
+
+    import datasets
+
+    reader = CAPTION_READERS[file.suffix.lower()]
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its logger.error repeats what we report
+    try:
+        # A throw-away cache: ranking captions must not leave an Arrow copy of the file behind.
+        with tempfile.TemporaryDirectory(prefix="mmtrain-captions-") as cache:
+            table = datasets.load_dataset(reader, data_files=str(file), split="train", cache_dir=cache,
+                                          keep_in_memory=True)
+            return table.column_names, table.to_list()
+    except Exception as e:  # datasets wraps the parser's error (ArrowInvalid, ParserError, ...)
+        cause = e.__cause__ or e.__context__ or e
+        text = (str(cause).strip() or str(e).strip() or type(cause).__name__).splitlines()[0]
+        problem = (_jsonl_problem(file) if reader == "json" else None) or f"cannot be read as {reader} ({text})"
+        raise UserError(f"--captions {str(file)!r}: {problem}") from None
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def read_captions(path: str | Path) -> tuple[list[str], list[Failure]]:
+    """Candidate captions for image -> text retrieval, distinct, in file order, and a Failure for each
+    row that holds no caption (missing, empty, or not text), which is skipped.
+
+    ``path``: a text file with one caption per line, or a metadata file (``.jsonl``, ``.csv``, also
+    ``.json``, ``.parquet``) with a ``caption`` or ``text`` column, read by the reader training uses.
+    Raises UserError (one line naming the file, and the line where it can) for a file that is missing,
+    malformed, has no caption column or no caption at all."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"--captions {str(file)!r}: no such file; give a .txt with one caption per line, "
                         "or a metadata.jsonl/.csv with a caption or text column")
-    if file.suffix in (".jsonl", ".csv"):
-        import csv
-
-        rows = ([json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-                if file.suffix == ".jsonl" else list(csv.DictReader(file.open())))
-        column = next((c for c in ("caption", "text") if rows and c in rows[0]), None)
+    failures: list[Failure] = []
+    if file.suffix.lower() in CAPTION_READERS:
+        columns, rows = _read_table(file)
+        column = next((c for c in CAPTION_COLUMNS if c in columns), None)
         if column is None:
-            raise UserError(f"--captions {str(file)!r}: no 'caption' or 'text' column")
-        captions = [str(r[column]) for r in rows]
+            raise UserError(f"--captions {str(file)!r}: no 'caption' or 'text' column (columns: "
+                            f"{', '.join(columns) or 'none'})")
+        where = [f"row {n}" for n in range(1, len(rows) + 1)]
+        if file.suffix.lower() == ".jsonl":  # one row per non-blank line: name the line an editor shows
+            text = file.read_bytes().decode("utf-8-sig", errors="replace")
+            lines = [f"line {n}" for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+            where = lines if len(lines) == len(rows) else where
+        captions = []
+        for row, at in zip(rows, where, strict=True):
+            value = row[column]
+            if isinstance(value, str) and value.strip():
+                captions.append(value.strip())
+            else:
+                what = "missing or empty" if isinstance(value, str) or value is None else f"{value!r}, not text"
+                failures.append(Failure(f"{file}: {at}", f"{column!r} is {what}; skipped"))
     else:
-        captions = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+        try:
+            text = file.read_bytes().decode("utf-8-sig")  # -sig: a BOM is not part of the first caption
+        except UnicodeDecodeError as e:
+            raise UserError(f"--captions {str(file)!r}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        captions = [line.strip() for line in text.splitlines() if line.strip()]
     captions = list(dict.fromkeys(captions))  # rank each distinct caption once
     if not captions:
         raise UserError(f"--captions {str(file)!r}: holds no captions")
-    return captions
+    return captions, failures

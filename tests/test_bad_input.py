@@ -209,3 +209,47 @@ def test_yaml_that_does_not_parse_names_file_and_line(refused, tmp_path):
     bad.write_text(TINY.read_text().replace("  epochs: 2\n", "  epochs: [2\n"))
     line = refused(config=bad)
     assert f"{bad}:" in line and "line " in line and "not valid YAML" in line
+
+
+# --- export-data ----------------------------------------------------------------------------------------
+
+
+def test_export_data_takes_the_same_overrides_as_train(tmp_path, capsys):
+    """A user who trained with --section.field overrides exports the same data with the same options
+    (they used to be refused as unrecognized arguments)."""
+    out = tmp_path / "exported"
+    assert main(["export-data", "--config", str(TINY), "--data.synthetic_val_size", "6", "--model.image_channels",
+                 "3", "--model.image_size", "16", "--split", "validation", "--out", str(out)]) == 0
+    assert "wrote 6 images" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in records] == [f"validation_{i:05d}.png" for i in range(6)]
+    for record in records:
+        with Image.open(out / record["file_name"]) as image:  # drawn at 16x16, written as the RGB model sees it
+            assert image.size == (16, 16) and image.mode == "RGB"
+    assert main(["export-data", "--config", str(TINY), "--model.image_channels", "5", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "model.image_channels must be 1 or 3" in capsys.readouterr().err
+
+
+def test_export_data_names_an_unreadable_image_and_exports_the_rest(tmp_path, capsys):
+    folder = _imagefolder(tmp_path / "imgs", bad={"broken.png": _truncated_png()})
+    exported = 0
+    for split in ("train", "validation"):
+        out = tmp_path / split
+        code = main(["export-data", "--config", str(TINY), "--data.source", "imagefolder", "--data.path", str(folder),
+                     "--split", split, "--out", str(out)])
+        captured = capsys.readouterr()
+        assert code == 2 and "Traceback" not in captured.err
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].endswith("; skipped"), captured.err
+        assert lines[0].startswith(f"mmtrain: error: {folder / 'broken.png'}: cannot be read as an image: "
+                                   "image file is truncated"), lines[0]
+        exported += len((out / "metadata.jsonl").read_text().splitlines())
+    assert exported == N_GOOD  # every readable image, across the two splits training would use
+
+
+def test_export_data_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    assert main(["export-data", "--config", str(TINY), "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmtrain: error: --out") and "not an empty folder" in err and len(err.splitlines()) == 1

@@ -232,7 +232,7 @@ def test_transform_pixels_and_tokens(channels):
     else:
         assert torch.allclose(red, torch.full((1, 32, 32), 76 / 255), atol=1 / 255)  # ITU-R 601 luma of red
     assert torch.allclose(white, torch.ones(channels, 32, 32))  # scaled to [0, 1], not [0, 255]
-    assert torch.allclose(clear, torch.zeros(channels, 32, 32))
+    assert torch.allclose(clear, torch.ones(channels, 32, 32))  # transparent: the white background, as viewers show it
     for ids, mask in zip(out["input_ids"], out["attention_mask"], strict=True):
         assert ids.shape == mask.shape == (12,)
         assert ids[0].item() == tok.bos_token_id

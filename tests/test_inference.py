@@ -137,14 +137,136 @@ def test_missing_or_incompatible_model_dir(trained, tmp_path, capsys):
     shutil.copytree(model_dir, old)
     config = json.loads((old / "config.json").read_text())
     config["some_future_field"] = 1
-    del config["prefix_tokens"]
     (old / "config.json").write_text(json.dumps(config))
     assert main(["predict", str(old), str(images)]) == 2
     err = capsys.readouterr().err
-    assert "incompatible mmtrain version" in err and "some_future_field" in err and "prefix_tokens" in err
+    assert "incompatible mmtrain version" in err and "unknown fields: some_future_field" in err
     shutil.copytree(model_dir, tmp_path / "resized")
     config = json.loads((tmp_path / "resized" / "config.json").read_text())
     config["latent_dim"] = 48
     (tmp_path / "resized" / "config.json").write_text(json.dumps(config))
     assert main(["predict", str(tmp_path / "resized"), str(images)]) == 2
     assert "do not load" in capsys.readouterr().err
+
+
+def test_a_model_exported_before_a_field_existed_loads_with_its_default(trained, tmp_path, capsys):
+    """config.json of a model exported before image_background existed: the field takes its default
+    (white, what every model was trained with before), and predict runs."""
+    model_dir, images, _ = trained
+    old = tmp_path / "before_background"
+    shutil.copytree(model_dir, old)
+    config = json.loads((old / "config.json").read_text())
+    assert config.pop("image_background") == "white"
+    (old / "config.json").write_text(json.dumps(config))
+    model, _ = load_pretrained(old)
+    assert model.config.image_background == "white"
+    first = sorted(images.iterdir())[0]
+    assert main(["predict", str(old), str(first)]) == 0
+    assert capsys.readouterr().out.startswith(str(first))
+
+
+# --- retrieve --captions reads metadata as training does -------------------------------------------------
+
+
+def _retrieve_captions(model_dir, image, captions_file, capsys):
+    code = main(["retrieve", str(model_dir), "--image", str(image), "--captions", str(captions_file),
+                 "--top", "3", "--json"])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured
+
+
+def test_retrieve_reads_metadata_saved_with_a_bom(trained, tmp_path, capsys):
+    """Notepad and PowerShell save UTF-8 with a byte-order mark. Training reads such metadata.jsonl and
+    metadata.csv fine (datasets' readers); retrieve used to fail on both (a JSONDecodeError traceback;
+    "no 'caption' column" for a csv whose first column is caption)."""
+    model_dir, images, captions = trained
+    first = sorted(images.iterdir())[0]
+    pool = sorted(set(captions.values()))
+    jsonl = tmp_path / "metadata.jsonl"
+    jsonl.write_text("".join(json.dumps({"file_name": f"{i}.png", "caption": c}) + "\n" for i, c in enumerate(pool)),
+                     encoding="utf-8-sig")
+    csv = tmp_path / "metadata.csv"  # Excel style: BOM, caption first, quoted fields, CRLF
+    csv.write_text("caption,file_name\r\n" + "".join(f'"{c}",{i}.png\r\n' for i, c in enumerate(pool)),
+                   encoding="utf-8-sig", newline="")
+    for file in (jsonl, csv):
+        assert file.read_bytes().startswith(b"\xef\xbb\xbf")
+        code, captured = _retrieve_captions(model_dir, first, file, capsys)
+        assert code == 0, captured.err
+        result = json.loads(captured.out)
+        assert result["query"] == str(first) and len(result["results"]) == 3
+        assert all(r["match"] in pool for r in result["results"]), result
+
+
+def test_a_malformed_captions_file_is_one_line_naming_file_and_line(trained, tmp_path, capsys):
+    model_dir, images, _ = trained
+    first = sorted(images.iterdir())[0]
+    jsonl = tmp_path / "metadata.jsonl"
+    jsonl.write_text('{"caption": "a circle"}\n\n{"caption": "a square",}\n')
+    csv = tmp_path / "metadata.csv"
+    csv.write_text("caption,file_name\na circle,a.png\na square,b.png,extra\n")
+    for file, where in ((jsonl, "line 3 is not valid JSON"), (csv, "line 3")):
+        code, captured = _retrieve_captions(model_dir, first, file, capsys)
+        lines = captured.err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, captured.err
+        assert lines[0].startswith(f"mmtrain: error: --captions {str(file)!r}: ") and where in lines[0], lines[0]
+
+
+def test_caption_rows_that_are_not_text_are_named_and_the_rest_ranked(trained, tmp_path, capsys):
+    model_dir, images, captions = trained
+    first = sorted(images.iterdir())[0]
+    good = sorted(set(captions.values()))[:3]
+    jsonl = tmp_path / "metadata.jsonl"
+    jsonl.write_text(f'{{"caption": "{good[0]}"}}\n{{"caption": 7}}\n{{"caption": "{good[1]}"}}\n'
+                     f'{{"caption": "  "}}\n{{"file_name": "x.png"}}\n{{"caption": "{good[2]}"}}\n')
+    code, captured = _retrieve_captions(model_dir, first, jsonl, capsys)
+    assert code == 2
+    assert sorted(r["match"] for r in json.loads(captured.out)["results"]) == sorted(good)
+    assert captured.err.strip().splitlines() == [
+        f"mmtrain: error: {jsonl}: line 2: 'caption' is 7, not text; skipped",
+        f"mmtrain: error: {jsonl}: line 4: 'caption' is missing or empty; skipped",
+        f"mmtrain: error: {jsonl}: line 5: 'caption' is missing or empty; skipped",
+    ]
+
+
+# --- any decoder failure is one file's failure -----------------------------------------------------------
+
+
+def test_any_exception_a_decoder_raises_is_one_files_failure(trained, tmp_path, capsys, monkeypatch):
+    """Not only OSError: a plugin that raises RuntimeError for one file, and Pillow's decompression-bomb
+    guard (DecompressionBombError is not an OSError), used to stop predict and retrieve with a traceback."""
+    from PIL import PngImagePlugin
+
+    model_dir, images, captions = trained
+    good = sorted(images.iterdir())[:2]
+    crash = tmp_path / "crash.png"
+    shutil.copy(good[0], crash)
+    Image.new("L", (64, 64), 128).save(tmp_path / "bomb.png")
+    Image.new("L", (64, 64), 128).save(tmp_path / "big.jpg")
+    original = PngImagePlugin.PngImageFile.load
+
+    def load(self):
+        name = self.filename or getattr(self.fp, "name", "")
+        if str(name).endswith("crash.png"):
+            raise RuntimeError("decoder bug")
+        return original(self)
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", load)
+    # 32x32 val images (1,024 pixels) pass; 64x64 (4,096) is over twice the limit: Pillow raises.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1100)
+    inputs = [str(good[0]), str(crash), str(tmp_path / "bomb.png"), str(tmp_path / "big.jpg"), str(good[1])]
+    assert main(["predict", str(model_dir), *inputs]) == 2
+    captured = capsys.readouterr()
+    # The JPEG is decoded at 1/2 scale (libjpeg DCT scaling), under the limit: it is captioned.
+    assert [line.split("\t")[0] for line in captured.out.strip().splitlines()] == \
+        [str(good[0]), str(tmp_path / "big.jpg"), str(good[1])]
+    errors = captured.err.strip().splitlines()
+    assert errors == [f"mmtrain: error: {crash}: cannot be read as an image: decoder bug",
+                      f"mmtrain: error: {tmp_path / 'bomb.png'}: cannot be read as an image: too large to decode "
+                      "safely (Image size (4096 pixels) exceeds limit of 2200 pixels, could be decompression bomb "
+                      "DOS attack.); downscale the file"], captured.err
+    assert main(["retrieve", str(model_dir), "--images", *inputs, "--query", captions[str(good[0])],
+                 "--json"]) == 2
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)["results"]) == 3
+    assert len(captured.err.strip().splitlines()) == 2 and "Traceback" not in captured.err

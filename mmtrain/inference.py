@@ -30,6 +30,7 @@ from mmtrain.errors import ModelDirError, UserError
 from mmtrain.images import ImageDecodeError
 from mmtrain.media import reconstruction_grid, to_uint8
 from mmtrain.model import MultimodalModel
+from mmtrain.sources import jsonl_problem
 from mmtrain.tokenizer import encode, load_tokenizer
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -211,25 +212,6 @@ CAPTION_READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet":
 CAPTION_COLUMNS = ("caption", "text")
 
 
-def _jsonl_problem(file: Path) -> str | None:
-    """The first line of a JSON-lines file that is not a JSON object, named by line number; datasets'
-    own message gives a row within a block, not the file's line."""
-    try:
-        text = file.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        return f"not UTF-8 text (byte {e.start})"
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            return f"line {n} is not valid JSON ({e.msg}); write one JSON object per line"
-        if not isinstance(record, dict):
-            return f"line {n} is not a JSON object; write one {{\"caption\": ...}} per line"
-    return None
-
-
 def _read_table(file: Path) -> tuple[list[str], list[dict]]:
     """(column names, rows) of a metadata file, read as training reads imagefolder metadata: by
     ``datasets``' json/csv/parquet builders (so a UTF-8 BOM, CSV quoting, ... mean the same thing)."""
@@ -249,7 +231,8 @@ def _read_table(file: Path) -> tuple[list[str], list[dict]]:
     except Exception as e:  # datasets wraps the parser's error (ArrowInvalid, ParserError, ...)
         cause = e.__cause__ or e.__context__ or e
         text = (str(cause).strip() or str(e).strip() or type(cause).__name__).splitlines()[0]
-        problem = (_jsonl_problem(file) if reader == "json" else None) or f"cannot be read as {reader} ({text})"
+        problem = jsonl_problem(file, '{"caption": ...}') if reader == "json" else None
+        problem = problem or f"cannot be read as {reader} ({text})"
         raise UserError(f"--captions {str(file)!r}: {problem}") from None
     finally:
         datasets.logging.set_verbosity(level)

@@ -45,23 +45,38 @@ def _require_image_files(folder: Path, cfg: DataConfig) -> None:
                     f"and a {cfg.caption_column!r} column (data.caption_column)")
 
 
+def jsonl_problem(file: Path, example: str, caption_column: str | None = None) -> str | None:
+    """The first line of a JSON-lines file that is not a JSON object (or whose ``caption_column``, if
+    given, holds something other than a string), as "line N ..." without the file name, or None.
+    UTF-8 with or without a BOM, as datasets reads it. ``example`` is the object shown in the fix.
+    Used where datasets' own message names neither file nor line (e.g. 'changed from string to
+    number in row 1', a row within a block)."""
+    try:
+        text = file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 text (byte {e.start})"
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {n} is not valid JSON ({e.msg}); write one JSON object per line"
+        if not isinstance(record, dict):
+            return f"line {n} is not a JSON object; write one {example} per line"
+        caption = record.get(caption_column) if caption_column else None
+        if caption is not None and not isinstance(caption, str):
+            return (f"line {n}: {caption_column!r} is {caption!r}, not a string; every caption "
+                    f"must be a JSON string (write \"{caption}\" in quotes)")
+    return None
+
+
 def _metadata_problem(folder: Path, caption_column: str) -> str | None:
-    """The first line of a metadata.jsonl that datasets cannot read into a caption column, named by
-    file and line: pyarrow's own message gives neither (e.g. 'changed from string to number in row 1')."""
+    """The first problem :func:`jsonl_problem` finds in the folder's metadata.jsonl files, named by file."""
     for meta in sorted(folder.rglob("metadata.jsonl")):
-        for n, line in enumerate(meta.read_text(errors="replace").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                return f"{meta}: line {n} is not valid JSON ({e.msg}); write one JSON object per line"
-            if not isinstance(record, dict):
-                return f"{meta}: line {n} is not a JSON object; write one {{\"file_name\": ..., ...}} per line"
-            caption = record.get(caption_column)
-            if caption is not None and not isinstance(caption, str):
-                return (f"{meta}: line {n}: {caption_column!r} is {caption!r}, not a string; every caption "
-                        f"must be a JSON string (write \"{caption}\" in quotes)")
+        problem = jsonl_problem(meta, '{"file_name": ..., ...}', caption_column)
+        if problem:
+            return f"{meta}: {problem}"
     return None
 
 

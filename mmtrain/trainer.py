@@ -114,6 +114,7 @@ class Trainer:
         self.accelerator = build_accelerator(cfg.train)
         self.output_dir = Path(cfg.train.output_dir).expanduser()
         self.state = TrainState()
+        self.started = time.perf_counter()  # fit() restarts it; set here so a bare train_epoch can save
         set_seed(cfg.train.seed)
         self.checkpointer = Checkpointer(self.accelerator, self.output_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.resume_from = self.checkpointer.find_resume(cfg.train.resume)
@@ -511,8 +512,6 @@ class Trainer:
             "optimizer_step": state.optimizer_step,
             "samples_seen": state.samples_seen,
             "samples_per_second": samples / elapsed if elapsed > 0 else 0.0,
-            "step_time": elapsed / steps,
-            "data_wait_fraction": wait / elapsed if elapsed > 0 else 0.0,
             **hardware_record(rows),
         }
         if acc.scaler is not None:  # fp16: the loss scale, and the steps it skipped on overflow

@@ -2,23 +2,22 @@
 
 Every field carries its meaning in ``metadata["help"]`` so that ``mmtrain train --help`` and the
 README can list it. Values are validated in ``__post_init__`` and every error names the field as
-``section.field``, because that is what the user typed.
+``section.field``, because that is what the user typed. How a value's text becomes a field's type
+(the same rule from a config file and the command line) is :mod:`mmtrain.config_values`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from mmtrain.config_values import TextLoader, coerce, parse_yaml_file, type_name
 from mmtrain.errors import ConfigError
 
 
@@ -277,180 +276,17 @@ def field_default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "|".join(str(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " or null"
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    return getattr(tp, "__name__", str(tp))
-
-
-_TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
-_NULL = ("null", "none", "~", "")  # "" too: `entity:` with nothing after it is null in YAML
-
-
-def _optional_inner(tp: Any) -> Any:
-    (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-    return inner
-
-
-def _accepted(tp: Any) -> str:
-    """What a field of type ``tp`` accepts, in words, for error messages."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return f"{_accepted(_optional_inner(tp))} or null"
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(tp)))
-    if origin is list:
-        return f"a list (a,b or [a, b]) whose items are each {_accepted(typing.get_args(tp)[0])}"
-    return {int: "an integer such as 16, 1_000 or 1e3", float: "a finite number such as 0.001 or 5e-4",
-            bool: "true or false (or yes/no, on/off)", str: "a string"}.get(tp, _type_name(tp))
-
-
-def _refused(key: str, value: Any, tp: Any) -> ConfigError:
-    return ConfigError(f"{key} must be {_accepted(tp)} (got {value!r})")
-
-
-def coerce(key: str, value: Any, tp: Any) -> Any:
-    """Convert ``value`` to ``tp``, or raise ConfigError naming ``key``, the value and what is accepted.
-
-    A scalar arrives as its text, the same from a config file (read_config_file keeps plain scalars as
-    written) and from the command line, so ``tags: 1.10`` and ``--wandb.tags 1.10`` both mean "1.10". A
-    file can also give a sequence or mapping (or a ``!!tagged`` value), and a Python caller of build_config
-    ints, floats, bools, None and lists. One rule per type:
-
-    - int: whole numbers in decimal, with underscores or in float notation ("16", "1_000", "1e3",
-      "1000.0"), an int, or a float with no fractional part. Refused: "1.5", "abc", "0x10", nan, inf, bools.
-    - float: what Python's float() reads ("5e-4", "1", ".5"), an int or a float, if finite: nan, inf and
-      -inf are refused, and so are bools.
-    - bool: true/false, yes/no, on/off in any case, or a bool. Refused: anything else, 1 and 0 included.
-    - str: the text exactly as written ("1.10", "no", "null" and "" stay text); an int or float becomes its
-      str(). Refused: sequences, mappings, bools, None.
-    - X | None: null, none, ~ (any case) or empty text mean None; anything else follows X's rule.
-    - Literal: one of the choices, as written (surrounding blanks ignored); a bool, which only a Python
-      caller or ``!!bool`` can give, means the choice no/false/off (yes/true/on) when there is one.
-    - list[X]: a sequence, item by item by X's rule. Text starting with [ or { is YAML flow syntax, so that
-      "[a, b]" is the same list on the command line as in a file and items may contain commas ("[a, 'b,c']");
-      other text is split on commas with blank items dropped ("a, b" -> ["a", "b"]; "2024" -> ["2024"];
-      "" -> []). Any other single value is a one-element list.
-    """
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in _NULL):
-            return None
-        try:
-            return coerce(key, value, _optional_inner(tp))
-        except ConfigError:
-            raise _refused(key, value, tp) from None  # "... or null": say everything that is accepted
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        choice = value.strip() if isinstance(value, str) else value
-        if isinstance(value, bool):
-            choice = next((c for c in (_TRUE if value else _FALSE) if c in choices), value)
-        if choice not in choices:
-            raise _refused(key, value, tp)
-        return choice
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        items = value if isinstance(value, (list, dict)) else [value]
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith(("[", "{")):
-                try:
-                    items = yaml.load(text, Loader=_TextLoader)
-                except yaml.YAMLError:
-                    raise _refused(key, value, tp) from None
-            else:
-                items = [item.strip() for item in text.split(",") if item.strip()]
-        if not isinstance(items, list):
-            raise _refused(key, value, tp)
-        try:
-            return [coerce(key, item, inner) for item in items]
-        except ConfigError:
-            raise _refused(key, value, tp) from None  # the whole value, as the user wrote it
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        text = value.strip().lower() if isinstance(value, str) else None
-        if text in _TRUE or text in _FALSE:
-            return text in _TRUE
-        raise _refused(key, value, tp)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, (str, float)):
-            # Decimal, not float: "1e20" and "12345678901234567891" stay exact.
-            try:
-                number = Decimal(value.strip() if isinstance(value, str) else value)
-            except InvalidOperation:
-                number = Decimal("nan")
-            # adjusted() bounds the digits as int("...") does: int(Decimal("1e999999999")) would not return.
-            if number.is_finite() and number == number.to_integral_value() and number.adjusted() < 4300:
-                return int(number)
-        raise _refused(key, value, tp)
-    if tp is float:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except (ValueError, OverflowError):  # OverflowError: an int beyond the float range
-                number = math.nan
-            if math.isfinite(number):
-                return number
-        raise _refused(key, value, tp)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise _refused(key, value, tp)
-    raise TypeError(f"unsupported config type {tp!r} for {key}")
-
-
-class _TextLoader(yaml.SafeLoader):
-    """SafeLoader that keeps every plain scalar as its text; only ``<<`` merge keys are still resolved.
-
-    YAML 1.1's resolver would type them first (``1.10`` -> 1.1, ``2024`` -> int, ``no`` -> False, while
-    ``1e3`` stays a string), so a value in a file would not mean what the same text means on the command
-    line. ``coerce`` applies each field's own rule to the text instead.
-    """
-
-    yaml_implicit_resolvers: typing.ClassVar[dict[Any, list]] = {
-        first: [(tag, regexp) for tag, regexp in resolvers if tag == "tag:yaml.org,2002:merge"]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-
-
-def _parse_yaml_file(path: str | Path, loader: type[yaml.SafeLoader]) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        raw = yaml.load(p.read_text(), Loader=loader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{p}:{where}: not valid YAML: {problem}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
-    return raw
-
-
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Parse a config file for build_config, plain scalars kept as text (see coerce); a syntax error is
     reported with its line and column."""
-    return _parse_yaml_file(path, _TextLoader)
+    return parse_yaml_file(path, TextLoader, SECTIONS)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Parse a YAML file that mmtrain wrote itself, with YAML's own types: a run's saved config.yaml, which
     is compared with ``Config.to_dict()``. ``Config.to_yaml`` quotes every string that YAML would otherwise
     type, so this reads back exactly the values saved. A user's config file goes through read_config_file."""
-    return _parse_yaml_file(path, yaml.SafeLoader)
+    return parse_yaml_file(path, yaml.SafeLoader, SECTIONS)
 
 
 def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
@@ -490,5 +326,5 @@ def help_lines() -> list[tuple[str, str, str]]:
     """(``--section.field``, type, 'meaning (default: x)') for every field, for help and docs."""
     rows = []
     for key, f, tp in iter_fields():
-        rows.append((f"--{key}", _type_name(tp), f"{f.metadata['help']} (default: {field_default(f)!r})"))
+        rows.append((f"--{key}", type_name(tp), f"{f.metadata['help']} (default: {field_default(f)!r})"))
     return rows

@@ -5,6 +5,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from mmtrain.config import SECTIONS, help_lines, load_config
 from mmtrain.errors import TrainingError, UserError
@@ -153,9 +154,36 @@ def _resolve_device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: not a device mmtrain runs on; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available here; use --device cpu")
     return name
+
+
+def _output_folder(value: str, empty: bool = False) -> Path:
+    """``--out``, created now (before any model or data work), or a UserError naming it and why."""
+    out = Path(value).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file; give a folder to write into")
+    if empty and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {str(out)!r} already holds files; choose a new or empty folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise UserError(f"--out {str(out)!r}: cannot create or write this folder ({e.strerror or e}); "
+                        "choose another --out") from None
+    return out
 
 
 def _report_failures(failures: list) -> int:
@@ -167,16 +195,15 @@ def _report_failures(failures: list) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max-length {args.max_length}: must be >= 2 (the [BOS] token and at least one word)")
     _quiet_libraries()
     from mmtrain.inference import find_images, load_pretrained, predict
 
-    out = Path(args.out).expanduser() if args.out else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} is a file; give a folder to write the predictions into")
+    out = _output_folder(args.out) if args.out else None
     model, tokenizer = load_pretrained(args.model_dir, _resolve_device(args.device))
     paths, failures = find_images(args.inputs)
     records, bad = predict(model, tokenizer, paths, out, args.batch_size, args.max_length,
@@ -200,6 +227,8 @@ def run_retrieve(args: argparse.Namespace) -> int:
                         "(image -> text)")
     if args.top < 1 or args.batch_size < 1:
         raise UserError("--top and --batch-size must be >= 1")
+    if any(not q.strip() for q in args.query or []):
+        raise UserError("--query '': a query must hold some text")
     _quiet_libraries()
     from mmtrain.inference import embed_captions, embed_images, find_images, load_pretrained, read_captions, top_k
 
@@ -232,14 +261,11 @@ def run_retrieve(args: argparse.Namespace) -> int:
 def run_export_data(args: argparse.Namespace) -> int:
     import dataclasses
     import json
-    from pathlib import Path
 
     cfg = load_config(args.config, _config_overrides(args))
-    out = Path(args.out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {str(out)!r} already exists and is not an empty folder; choose a new or empty folder")
     if args.count < 0:
         raise UserError(f"--count {args.count}: must be >= 0")
+    out = _output_folder(args.out, empty=True)
     _quiet_libraries()
     from mmtrain.data import load_splits, undecoded
     from mmtrain.images import ImageDecodeError, save_lossless, viewed_image
@@ -255,7 +281,6 @@ def run_export_data(args: argparse.Namespace) -> int:
                 for name, reason in zip(splits.skipped, splits.skipped_reasons, strict=True)]
     ds = undecoded(splits.train if args.split == "train" else splits.val)
     n = min(args.count or len(ds), len(ds))
-    out.mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n):
         row = ds[i]

@@ -131,6 +131,13 @@ class DataConfig:
         if self.source in ("imagefolder", "disk") and self.path:
             _require(Path(self.path).expanduser().is_dir(), s, "path",
                      "must be an existing folder; check the path or set data.source", self.path)
+        _require(self.caption_column != self.image_column, s, "caption_column",
+                 f"must differ from data.image_column={self.image_column!r}; set the column holding the captions",
+                 self.caption_column)
+        _require(self.val_split != self.train_split, s, "val_split",
+                 f"must differ from data.train_split={self.train_split!r} (validating on the training data measures "
+                 "nothing); name another split, or leave it null to hold out data.val_fraction of the train split",
+                 self.val_split)
         _require(0.0 < self.val_fraction < 1.0, s, "val_fraction", "must be in (0, 1)", self.val_fraction)
         _require(self.synthetic_train_size > 0, s, "synthetic_train_size", "must be > 0", self.synthetic_train_size)
         _require(self.synthetic_val_size > 0, s, "synthetic_val_size", "must be > 0", self.synthetic_val_size)

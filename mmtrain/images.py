@@ -72,6 +72,17 @@ class ImageDecodeError(ValueError):
     caller names the file (or the dataset split and row) it was decoding."""
 
 
+def image_extensions() -> frozenset[str]:
+    """The file extensions (lower case, with the dot) that training's ``datasets`` imagefolder reads,
+    so that predict/retrieve expand a folder to the images training would take from it."""
+    try:
+        from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+        return frozenset(e.lower() for e in ImageFolder.EXTENSIONS)
+    except (ImportError, AttributeError):  # datasets builds its list from Pillow's
+        return frozenset(e.lower() for e in Image.registered_extensions())
+
+
 def background_rgb(background: str) -> tuple[int, int, int]:
     """``background`` (any ``PIL.ImageColor`` spec: ``white``, ``#f0f0f0``, ``rgb(9,9,9)``) as 8-bit
     (R, G, B); an alpha component is ignored. Raises ``ValueError`` naming the spec if Pillow cannot
@@ -159,8 +170,11 @@ def open_image(source: ImageSource) -> Image.Image:
         if isinstance(source, Image.Image):
             return _decoded(source)
         with _stream(source) as stream, warnings.catch_warnings():
-            # Rule 2 decides about large images itself; Pillow's warning would name no file.
+            # Rule 2 decides about large images itself; Pillow's warning would name no file. Its other
+            # warnings (corrupt EXIF, palette transparency) are about metadata this decoder already
+            # handles, and would name no file either.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", module=r"PIL\.")
             return _decoded(_open(stream))
     except ImageDecodeError:
         raise

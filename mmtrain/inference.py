@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,11 @@ from tqdm.auto import tqdm
 from mmtrain.config import ModelConfig
 from mmtrain.data import image_transform
 from mmtrain.errors import ModelDirError, UserError
-from mmtrain.images import ImageDecodeError
+from mmtrain.images import ImageDecodeError, image_extensions
 from mmtrain.media import reconstruction_grid, to_uint8
 from mmtrain.model import MultimodalModel
 from mmtrain.sources import jsonl_problem
 from mmtrain.tokenizer import encode, load_tokenizer
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
@@ -88,17 +87,33 @@ def load_pretrained(model_dir: str | Path, device: str | torch.device = "cpu"
     return model.to(device).eval(), tokenizer
 
 
+def _walk_images(folder: Path, extensions: frozenset[str]) -> tuple[list[Path], list[Failure]]:
+    """(the image files below ``folder``, sorted; a Failure per subfolder that cannot be listed)."""
+    unlisted: list[Failure] = []
+
+    def report(error: OSError) -> None:  # os.walk would skip such a folder without a word
+        unlisted.append(Failure(error.filename or str(folder), f"cannot list this folder ({error.strerror})"))
+
+    images = sorted(Path(root, name) for root, _, files in os.walk(folder, onerror=report)
+                    for name in files if Path(name).suffix.lower() in extensions)
+    return images, unlisted
+
+
 def find_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Failure]]:
-    """Files as given, folders expanded (recursively, sorted) to the image files they hold."""
+    """Files as given, folders expanded (recursively, sorted) to the image files they hold: those
+    with an extension training's imagefolder reads (:func:`mmtrain.images.image_extensions`). A
+    folder or subfolder that cannot be listed is a Failure naming it, not an empty folder."""
+    extensions = image_extensions()
     found: list[Path] = []
     failures: list[Failure] = []
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not images:
-                kinds = ", ".join(sorted(IMAGE_SUFFIXES))
-                failures.append(Failure(str(path), f"folder holds no image files ({kinds})"))
+            images, unlisted = _walk_images(path, extensions)
+            failures += unlisted
+            if not images and not unlisted:
+                failures.append(Failure(str(path), "folder holds no image files (by extension, as training reads "
+                                                   "an image folder: .png, .jpg, .tif, .webp, .pgm, ...)"))
             found += images
         elif path.is_file():
             found.append(path)
@@ -127,12 +142,20 @@ def _batches(paths: Sequence[Path], batch_size: int, progress: bool, what: str) 
 
 
 def _out_names(paths: Sequence[Path]) -> dict[Path, str]:
-    """A distinct file stem per input image (same-named images from different folders get -2, -3…)."""
-    names, used = {}, {}
+    """A distinct output stem per input file: the file's stem, or the first free ``stem-2``, ``stem-3``…
+    (``a.png`` and ``a.jpg`` beside an ``a-2.png`` must not write each other's files). Compared
+    case-insensitively, as macOS and Windows file systems compare names."""
+    names: dict[Path, str] = {}
+    taken: set[str] = set()
     for path in paths:
-        stem = path.stem
-        used[stem] = used.get(stem, 0) + 1
-        names[path] = stem if used[stem] == 1 else f"{stem}-{used[stem]}"
+        if path in names:
+            continue
+        name, n = path.stem, 1
+        while name.lower() in taken:
+            n += 1
+            name = f"{path.stem}-{n}"
+        taken.add(name.lower())
+        names[path] = name
     return names
 
 
@@ -208,7 +231,7 @@ def top_k(query: Tensor, keys: Tensor, k: int) -> list[list[tuple[int, float]]]:
 
 
 # Caption files read by datasets' packaged builders, the readers behind imagefolder's metadata files.
-CAPTION_READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+CAPTION_READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 CAPTION_COLUMNS = ("caption", "text")
 
 
@@ -225,12 +248,18 @@ def _read_table(file: Path) -> tuple[list[str], list[dict]]:
     try:
         # A throw-away cache: ranking captions must not leave an Arrow copy of the file behind.
         with tempfile.TemporaryDirectory(prefix="mmtrain-captions-") as cache:
+            options = {"sep": "\t"} if file.suffix.lower() == ".tsv" else {}
             table = datasets.load_dataset(reader, data_files=str(file), split="train", cache_dir=cache,
-                                          keep_in_memory=True)
+                                          keep_in_memory=True, **options)
             return table.column_names, table.to_list()
     except Exception as e:  # datasets wraps the parser's error (ArrowInvalid, ParserError, ...)
         cause = e.__cause__ or e.__context__ or e
         text = (str(cause).strip() or str(e).strip() or type(cause).__name__).splitlines()[0]
+        if reader != "parquet":
+            content = _utf8_text(file)
+            # datasets fails on an empty table ("corresponds to no data", StopIteration): say so plainly.
+            if len([line for line in content.splitlines() if line.strip()]) <= (reader == "csv"):
+                raise UserError(f"--captions {str(file)!r}: holds no captions") from None
         problem = jsonl_problem(file, '{"caption": ...}') if reader == "json" else None
         problem = problem or f"cannot be read as {reader} ({text})"
         raise UserError(f"--captions {str(file)!r}: {problem}") from None
@@ -238,12 +267,26 @@ def _read_table(file: Path) -> tuple[list[str], list[dict]]:
         datasets.logging.set_verbosity(level)
 
 
+def _utf8_text(file: Path) -> str:
+    """The file's text (a UTF-8 BOM dropped: it is not part of the first caption), or a UserError. A NUL
+    byte decodes as UTF-8 but means UTF-16 (what Excel's "Unicode text" and PowerShell 5 write)."""
+    try:
+        text = file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        text, where = "\0", f"byte {e.start}"
+    else:
+        where = f"byte {text.find(chr(0))} is NUL: UTF-16?"
+    if "\0" in text:
+        raise UserError(f"--captions {str(file)!r}: not UTF-8 text ({where}); save it as UTF-8")
+    return text
+
+
 def read_captions(path: str | Path) -> tuple[list[str], list[Failure]]:
     """Candidate captions for image -> text retrieval, distinct, in file order, and a Failure for each
     row that holds no caption (missing, empty, or not text), which is skipped.
 
     ``path``: a text file with one caption per line, or a metadata file (``.jsonl``, ``.csv``, also
-    ``.json``, ``.parquet``) with a ``caption`` or ``text`` column, read by the reader training uses.
+    ``.tsv``, ``.json``, ``.parquet``) with a ``caption`` or ``text`` column, read by the reader training uses.
     Raises UserError (one line naming the file, and the line where it can) for a file that is missing,
     malformed, has no caption column or no caption at all."""
     file = Path(path).expanduser()
@@ -271,12 +314,11 @@ def read_captions(path: str | Path) -> tuple[list[str], list[Failure]]:
                 what = "missing or empty" if isinstance(value, str) or value is None else f"{value!r}, not text"
                 failures.append(Failure(f"{file}: {at}", f"{column!r} is {what}; skipped"))
     else:
-        try:
-            text = file.read_bytes().decode("utf-8-sig")  # -sig: a BOM is not part of the first caption
-        except UnicodeDecodeError as e:
-            raise UserError(f"--captions {str(file)!r}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-        captions = [line.strip() for line in text.splitlines() if line.strip()]
+        text = _utf8_text(file)
+        # Only line breaks end a caption: str.splitlines would also split at a form feed or U+0085.
+        captions = [line.strip() for line in text.replace("\r\n", "\n").split("\n") if line.strip()]
     captions = list(dict.fromkeys(captions))  # rank each distinct caption once
     if not captions:
-        raise UserError(f"--captions {str(file)!r}: holds no captions")
+        first = f" ({failures[0].path}: {failures[0].reason}{' ...' if len(failures) > 1 else ''})" if failures else ""
+        raise UserError(f"--captions {str(file)!r}: holds no captions{first}")
     return captions, failures

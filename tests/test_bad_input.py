@@ -252,4 +252,4 @@ def test_export_data_out_that_is_a_file(tmp_path, capsys):
     (tmp_path / "taken").write_text("a file")
     assert main(["export-data", "--config", str(TINY), "--out", str(tmp_path / "taken")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("mmtrain: error: --out") and "not an empty folder" in err and len(err.splitlines()) == 1
+    assert err.startswith("mmtrain: error: --out") and "is a file" in err and len(err.splitlines()) == 1

@@ -1,22 +1,22 @@
-"""Raw sources for ``mmtrain.data``: load an imagefolder, save_to_disk folder, hub dataset or the
-built-in synthetic set as ``datasets`` returns it, and turn ``datasets``' failures into one-line
-``DataError`` messages that name the user's file and the fix.
+"""Raw sources for ``mmtrain.data``: an imagefolder, save_to_disk folder, hub dataset or the synthetic
+set as ``datasets`` returns it, with ``datasets``' failures turned into one-line ``DataError`` messages.
 
-An image folder's splits are whatever ``datasets`` infers from split words (train, test, valid, ...)
-in its folder and file names, and each split reads only the metadata files among its own files. A
-folder such as ``sketches/`` + ``test_prints/`` + a top-level ``metadata.jsonl`` therefore loads as a
-caption-less ``test`` split of ``test_prints/`` alone. ``load_raw`` asks ``datasets`` (its own pattern
-functions, not a copy of its rules) what it would infer, compares that with the files the folder
-holds, and when they differ loads the folder itself and says so, or stops naming the layout to use.
-"""
+An image folder's splits are whatever ``datasets`` infers from split words (train, test, valid, ...) in
+its folder and file names, and each split reads only the metadata files among its own files: so
+``sketches/`` + ``test_prints/`` + a top-level ``metadata.jsonl`` loads as a caption-less ``test`` split of
+``test_prints/`` alone. ``load_raw`` asks ``datasets`` (its own pattern functions, not a copy of its
+rules) what it would infer, and where that loses images or captions loads the folder itself and says
+so, or stops naming the layout to use."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -82,33 +82,37 @@ def _metadata_problem(folder: Path, caption_column: str) -> str | None:
 
 @dataclass(frozen=True)
 class FolderSplits:
-    """What ``datasets`` would make of an image folder, beside what the folder holds.
-
-    Paths are absolute and normalised, as ``datasets`` resolves them, so the two can be compared.
-    """
+    """What ``datasets`` would make of an image folder, beside what the folder holds. Paths are
+    absolute and normalised, as ``datasets`` resolves them, so the two can be compared."""
 
     base: str
     images: frozenset[str]  # every file datasets' ImageFolder reads as an image
     metadata: frozenset[str]  # every metadata.csv / metadata.jsonl / metadata.parquet
     splits: dict[str, tuple[str, ...]]  # each split datasets infers -> its files, in datasets' order
+    patterns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # each split's datasets patterns
+    _decided: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # trigger's memo
 
-    def images_of(self, split: str) -> list[str]:
-        """The image files datasets puts in ``split``."""
-        return [f for f in self.splits[split] if f in self.images]
+    def images_of(self, split: str, owned: bool = False) -> list[str]:
+        """The image files datasets puts in ``split``; with ``owned``, only those no earlier split has:
+        a file under two split words (train/test_shots/x.png) is counted once, in the first."""
+        return [f for f in self.splits[split] if f in self.images and (not owned or self.owner[f] == split)]
 
     def metadata_of(self, split: str) -> list[str]:
         """The metadata files ``split`` reads: only those among its own files."""
         return [f for f in self.splits[split] if f in self.metadata]
 
-    @property
-    def left_out_images(self) -> list[str]:
-        """Image files in no inferred split: datasets would drop them without a word."""
-        return sorted(self.images.difference(*self.splits.values()))
+    @cached_property
+    def owner(self) -> dict[str, str]:
+        """Each file in a split -> the first split, in datasets' order, that has it."""
+        return {f: s for s, files in reversed(self.splits.items()) for f in files}
 
     @property
-    def unattached_metadata(self) -> list[str]:
-        """Metadata files in no inferred split: datasets reads none of their rows."""
-        return sorted(self.metadata.difference(*self.splits.values()))
+    def left_out_images(self) -> list[str]:  # in no inferred split: datasets would drop them without a word
+        return sorted(self.images.difference(self.owner))
+
+    @property
+    def unattached_metadata(self) -> list[str]:  # in no inferred split: datasets reads none of their rows
+        return sorted(self.metadata.difference(self.owner))
 
     @property
     def captionless(self) -> list[str]:
@@ -119,9 +123,40 @@ class FolderSplits:
         return [s for s in self.splits if self.images_of(s) and not self.metadata_of(s)]
 
     @property
-    def consistent(self) -> bool:
-        """True when loading the folder as datasets infers it keeps every image and every caption."""
+    def consistent(self) -> bool:  # loading the folder as datasets infers it keeps every image and caption
         return not self.left_out_images and not self.captionless
+
+    def trigger(self, split: str, file: str) -> str:
+        """The name(s) in ``file``'s path that put it in ``split`` ('photos/testing.png', 'test_prints/'),
+        asked of the split's own patterns: the fewest, deepest first, whose renaming takes it out (the
+        folder above, 'photos/', would change nothing). '' where no renaming does (datasets' "**")."""
+        # A folder's name decided it for one file: it does for all in that folder (datasets' folder
+        # patterns end in /**), so a big folder costs one search.
+        key = (split, os.path.dirname(file))
+        if key in self._decided:
+            return self._decided[key]
+        parts = os.path.relpath(file, self.base).split(os.sep)
+        regexes = [r for p in self.patterns.get(split, ()) if (r := _glob(self.base, p))]
+
+        def hit(neutral: set[int]) -> bool:  # 'x' carries no split word; a file keeps its extension
+            names = [("x" + os.path.splitext(p)[1] * (i == len(parts) - 1)) if i in neutral else p
+                     for i, p in enumerate(parts)]
+            return any(r.match("/".join([self.base, *names])) for r in regexes)
+
+        if not hit(set()):
+            return "/".join(parts)  # no patterns to ask (datasets' own resolution found it): the file
+        neutral: set[int] = set()
+        for i in reversed(range(len(parts))):  # rename names, deepest first, until the file is out
+            neutral.add(i)
+            if not hit(neutral):
+                break
+        for i in sorted(neutral, reverse=True):  # then keep only the renamings that matter
+            if not hit(neutral - {i}):
+                neutral.discard(i)
+        names = " and ".join("/".join(parts[:i + 1]) + "/" * (i < len(parts) - 1) for i in sorted(neutral))
+        if len(parts) - 1 not in neutral:
+            self._decided[key] = names
+        return names
 
 
 def inspect_imagefolder(path: str) -> FolderSplits | None:
@@ -137,39 +172,47 @@ def inspect_imagefolder(path: str) -> FolderSplits | None:
     except FileNotFoundError:
         return None
     norm = os.path.normpath
+    patterns, splits = _splits_from_listing(base, every) or ({}, {})
     layout = FolderSplits(
         base=base,
         images=frozenset(norm(f) for f in every if os.path.splitext(f)[1].lower() in ImageFolder.EXTENSIONS),
         metadata=frozenset(norm(f) for f in every if os.path.basename(f) in ImageFolder.METADATA_FILENAMES),
-        splits=_splits_from_listing(base, every) or {},
-    )
+        splits=splits, patterns=patterns)
     if layout.splits and layout.consistent:
         return layout
     # datasets' own way walks the whole folder once per pattern (seconds per 10k files, the cost
     # its load pays again); worth it only before mmtrain departs from what datasets does.
     try:
-        inferred = DataFilesDict.from_patterns(get_data_patterns(base), base_path=base)
+        patterns = {str(split): tuple(p) for split, p in get_data_patterns(base).items()}
+        inferred = DataFilesDict.from_patterns(patterns, base_path=base)
     except (FileNotFoundError, ValueError):
         return None
-    return replace(layout, splits={str(name): tuple(norm(f) for f in files) for name, files in inferred.items()})
+    return replace(layout, patterns=patterns,
+                   splits={str(name): tuple(norm(f) for f in files) for name, files in inferred.items()})
 
 
-def _splits_from_listing(base: str, files: list[str]) -> dict[str, tuple[str, ...]] | None:
-    """datasets' split inference run on one listing of the folder instead of one walk per pattern:
-    its own pattern search (``_get_data_files_patterns``) with a resolver that matches each pattern
-    the way fsspec's glob does (``glob_translate``), against ``files`` (already filtered by datasets'
-    hidden-file rules). None where either private helper is missing in this datasets/fsspec."""
-    import re
+@lru_cache(maxsize=512)
+def _glob(base: str, pattern: str) -> Any:
+    """``pattern`` under ``base`` as a regex matching what fsspec's glob does (None without its helper)."""
+    try:
+        from fsspec.utils import glob_translate
+    except ImportError:
+        return None
+    return re.compile(glob_translate(f"{base}/{pattern}"))
 
+
+def _splits_from_listing(base: str, files: list[str]) -> tuple[dict, dict] | None:
+    """(patterns, files) of each split: datasets' split inference run on one listing of the folder
+    instead of one walk per pattern: its own pattern search (``_get_data_files_patterns``) with a
+    resolver matching each pattern (``_glob``) against ``files``, already filtered by datasets'
+    hidden-file rules. None where either private helper is missing in this datasets/fsspec."""
     try:
         from datasets.data_files import _get_data_files_patterns
-        from fsspec.utils import glob_translate
     except ImportError:
         return None
 
     def matching(pattern: str) -> list[str]:
-        regex = re.compile(glob_translate(f"{base}/{pattern}"))
-        return [f for f in files if regex.match(f)]
+        return [f for f in files if _glob(base, pattern).match(f)]
 
     def resolver(pattern: str) -> list[str]:
         found = matching(pattern)
@@ -178,12 +221,12 @@ def _splits_from_listing(base: str, files: list[str]) -> dict[str, tuple[str, ..
         return found
 
     try:
-        patterns = _get_data_files_patterns(resolver)
-    except (FileNotFoundError, ValueError):
+        patterns = {str(split): tuple(p) for split, p in _get_data_files_patterns(resolver).items()}
+    except (FileNotFoundError, ValueError, AttributeError):  # AttributeError: _glob found no glob_translate
         return None
-    return {str(split): tuple(os.path.normpath(f) for f in dict.fromkeys(f for p in split_patterns
-                                                                         for f in matching(p)))
-            for split, split_patterns in patterns.items()}
+    return patterns, {split: tuple(os.path.normpath(f) for f in dict.fromkeys(f for p in split_patterns
+                                                                            for f in matching(p)))
+                      for split, split_patterns in patterns.items()}
 
 
 def _count(n: int, what: str = "image") -> str:
@@ -196,22 +239,14 @@ def _more(names: list[str]) -> str:
     return ", ".join(names[:NAMED_PLACES]) + (f" and {extra} more" if extra > 0 else "")
 
 
-def _places(images: list[str], base: str, counts: bool = True) -> str:
+def _places(images: list[str], base: str) -> str:
     """Image files as the user sees them: by folder ('sketches/ (30 images)'), top-level ones by name."""
-    folders: dict[str, int] = Counter()
-    top: list[str] = []
-    for f in sorted(images):
-        rel = os.path.relpath(f, base)
-        parent = os.path.dirname(rel)
-        if parent:
-            folders[parent + "/"] += 1
-        else:
-            top.append(rel)
-    named = [f"{folder} ({_count(n)})" if counts else folder for folder, n in sorted(folders.items())]
-    if len(top) == 1 or (top and not counts):
-        named += top
-    elif top:
-        named.append(f"{_count(len(top), 'top-level image')} ({_more(top)})")
+    rel = sorted(os.path.relpath(f, base) for f in images)
+    folders = Counter(os.path.dirname(r) + "/" for r in rel if os.path.dirname(r))
+    top = [r for r in rel if not os.path.dirname(r)]
+    named = [f"{folder} ({_count(n)})" for folder, n in sorted(folders.items())]
+    if top:
+        named.append(top[0] if len(top) == 1 else f"{_count(len(top), 'top-level image')} ({_more(top)})")
     return _more(named) if named else "no images"
 
 
@@ -219,53 +254,58 @@ def _files(paths: list[str], base: str) -> str:
     return _more([os.path.relpath(f, base) for f in sorted(paths)])
 
 
-def _inferred(layout: FolderSplits) -> str:
-    """'test from test_prints/ (10 images) with no metadata file; ...': each split datasets infers."""
-    parts = []
-    for split in layout.splits:
-        meta, images = layout.metadata_of(split), layout.images_of(split)
-        if not images:  # e.g. a notes file datasets matched by name: name the file itself
-            parts.append(f"{split} from {_files(list(layout.splits[split]), layout.base)} (no image files)")
-            continue
-        reads = f"reading {_files(meta, layout.base)}" if meta else "with no metadata file"
-        parts.append(f"{split} from {_places(images, layout.base)} {reads}")
-    return "; ".join(parts)
-
-
 def _inference(layout: FolderSplits) -> str:
-    """How datasets split this folder, the opening of every message about it."""
+    """How datasets split this folder, the opening of every message about it: 'test from test_prints/
+    (10 images) with no metadata file; ...', each split by the names that carry its split word."""
     from datasets.data_files import SPLIT_KEYWORDS
 
+    parts = []
+    for split in layout.splits:
+        meta, images = layout.metadata_of(split), layout.images_of(split, owned=True)
+        if not layout.images_of(split):  # e.g. a notes file datasets matched by name: name the file itself
+            parts.append(f"{split} from {_files(list(layout.splits[split]), layout.base)} (no image files)")
+            continue
+        names = Counter(layout.trigger(split, f) for f in images)
+        named = [_places(images, layout.base)] if "" in names else [
+            f"{name} ({_count(n)})" if name.endswith("/") else name for name, n in sorted(names.items())]
+        # Files under two split words (train/test_shots/) are counted once, where they went: say which.
+        shared = Counter((layout.trigger(split, f), layout.owner[f]) for f in layout.images_of(split)
+                         if layout.owner[f] != split)
+        named += [f"{name} ({_count(n)}, counted in {owner})" for (name, owner), n in sorted(shared.items())]
+        parts.append(f"{split} from {_more(named)} "
+                     f"{f'reading {_files(meta, layout.base)}' if meta else 'with no metadata file'}")
     words = ", ".join(word for words in SPLIT_KEYWORDS.values() for word in words)
     return (f"datasets infers an image folder's splits from split words in its folder and file names ({words}); "
-            f"here: {_inferred(layout)}")
-
-
-def _requested(cfg: DataConfig) -> list[str]:
-    """The split options the user set; only these make an unusable split inference an error."""
-    asked = []
-    if cfg.train_split != DataConfig.__dataclass_fields__["train_split"].default:
-        asked.append(f"data.train_split={cfg.train_split!r}")
-    if cfg.val_split is not None:
-        asked.append(f"data.val_split={cfg.val_split!r}")
-    return asked
+            f"here: {'; '.join(parts)}")
 
 
 def _check_split_names(layout: FolderSplits, cfg: DataConfig) -> None:
     """The train split, and the validation split if set, must be among the inferred splits: say which
-    folders those came from, which data.py's later check cannot."""
-    missing = [f"data.{option}={name!r}" for option, name in (("train_split", cfg.train_split),
-                                                                  ("val_split", cfg.val_split))
-               if name is not None and name not in layout.splits]
-    if missing:
-        raise DataError(f"data.path={cfg.path!r}: {' and '.join(missing)} is not among the splits: "
-                        f"{_inference(layout)}. Pass --data.train_split / --data.val_split with one of "
-                        f"{', '.join(layout.splits)}, or {SPLIT_LAYOUT}.")
+    folders those came from, which data.py's later check cannot. The validation choices offered never
+    include the train split (the config refuses val_split == train_split)."""
+    splits, train_ok = list(layout.splits), cfg.train_split in layout.splits
+    bad = [f"data.{o}={v!r}" for o, v in (("train_split", cfg.train_split), ("val_split", cfg.val_split))
+           if v not in (None, *splits)]
+    if not bad:
+        return
+
+    def pick(option: str, names: list[str]) -> str:
+        return f"pass --data.{option} {names[0] if len(names) == 1 else 'with one of ' + ', '.join(names)}"
+
+    advice = [] if train_ok else [pick("train_split", [s for s in splits if s != cfg.val_split] or splits)]
+    if len(splits) == 1:  # nothing else to validate on: a held-out part of the one split is what is left
+        advice.append(f"{'leave data.val_split unset' if cfg.val_split is None else 'remove data.val_split'} "
+                      f"to hold out --data.val_fraction of it for validation")
+    elif cfg.val_split is not None and cfg.val_split not in layout.splits:
+        advice.append(pick("val_split", [s for s in splits if s != cfg.train_split]) if train_ok
+                      else "--data.val_split with another of them")
+    raise DataError(f"data.path={cfg.path!r}: {' and '.join(bad)} is not among the splits: {_inference(layout)}. "
+                    f"To load this folder, {' and '.join(advice)}; or {SPLIT_LAYOUT}.")
 
 
 def _warn(message: str) -> None:
     if os.environ.get("RANK", "0") == "0":  # every rank loads the data; one warning per run is enough
-        # 6: _warn <- _load_* <- _load_imagefolder <- load_raw <- data.load_splits <- its caller
+        # 6: _warn <- _load_* or _warn_unlisted <- _load_imagefolder <- load_raw <- data.load_splits <- its caller
         warnings.warn(message, stacklevel=6)
 
 
@@ -280,6 +320,30 @@ def _image_paths(ds: Any) -> list[str | None]:
     return [os.path.normpath(v["path"]) if isinstance(v, dict) and v.get("path") else None for v in values]
 
 
+def _warn_unlisted(layout: FolderSplits | None, raw: Any, cfg: DataConfig) -> None:
+    """Image files no metadata file lists, which datasets drops without a word (its rows are metadata
+    lines), named with the line to add. From inspect_imagefolder's one listing: no second walk."""
+    if layout is None or not layout.metadata:
+        return  # without metadata every image is a row (and data.py asks for the caption column)
+    unlisted = sorted(layout.images.difference(f for split in raw.values() for f in _image_paths(split)))
+    if not unlisted:
+        return
+    dirs = {os.path.dirname(m): m for m in layout.metadata}
+    # A file's line goes in the nearest metadata file above it (or in a new one beside it).
+    meta = {f: next((dirs[str(d)] for d in Path(f).parents if str(d) in dirs), os.path.dirname(f) + "/metadata.jsonl")
+            for f in unlisted}
+    name = os.path.relpath(unlisted[0], os.path.dirname(meta[unlisted[0]]))
+    line = json.dumps({"file_name": name, cfg.caption_column: "..."}) if meta[unlisted[0]].endswith(".jsonl") \
+        else f"{name},..."
+    it = "it" if len(unlisted) == 1 else "them"
+    _warn(f"data.path={cfg.path!r}: {_count(len(unlisted), 'image file')} of {len(layout.images)} not listed in "
+          f"any metadata file, so datasets drops {it} and mmtrain neither trains nor validates on {it}: "
+          f"{_files(unlisted, layout.base)}. To use {it}, add a line {'for each ' * (it == 'them')}to "
+          f"{_files(sorted(set(meta.values())), layout.base)} with its file_name (relative to that file's folder) "
+          f"and {cfg.caption_column!r}, e.g. {line}; to leave {it} out without this warning, move {it} out of "
+          f"data.path.")
+
+
 def _load_everything(path: str) -> Any:
     """The whole folder as one ``train`` split. "**" is the pattern datasets itself uses for a folder
     without split words, so every metadata file is read and each row's file_name stays relative to
@@ -290,46 +354,49 @@ def _load_everything(path: str) -> Any:
 
 
 def _load_as_one_split(path: str, layout: FolderSplits, cfg: DataConfig) -> Any:
-    """Images left out of every inferred split: load all of them as one train split, and say so."""
+    """Images left out of every inferred split: load all of them as one train split, and say so, with
+    what to rename for datasets to infer no splits: each split's names that carry its word (see
+    FolderSplits.trigger), and the metadata files above them, whose file_name entries go through them."""
     raw = _load_everything(path)
-    unlisted = sorted(layout.images.difference(_image_paths(raw["train"])))
     left = _places(layout.left_out_images, layout.base)
     if layout.unattached_metadata:
         left += f" and {_files(layout.unattached_metadata, layout.base)}"
-    also = (f"; {_count(len(unlisted), 'image file')} that no metadata file lists stay out "
-            f"({_places(unlisted, layout.base)})") if unlisted and layout.metadata else ""
-    # What made datasets see splits: the split's images, or its files when it has none (instruction.md)
-    triggers = ", ".join(_places(layout.images_of(s), layout.base, counts=False) if layout.images_of(s)
-                         else _files(list(layout.splits[s]), layout.base) for s in layout.splits)
-    loaded = _count(raw["train"].num_rows, "sample")
+    names = {s: sorted({layout.trigger(s, f) for f in layout.splits[s]}) for s in layout.splits}
+    renamed = {n for s in layout.splits for f in layout.images_of(s) for n in layout.trigger(s, f).split(" and ")}
+    metas = [m for m in sorted(layout.metadata) for d in [os.path.dirname(os.path.relpath(m, layout.base))]
+             if any(name.rstrip("/") != d and name.startswith(f"{d}/" if d else "") for name in renamed)]
+    one = len({n for joined in names.values() for j in joined for n in j.split(" and ")}) == 1
+    update = (f", and change {'it' if one else 'them'} to the new {'name' if one else 'names'} in the file_name "
+              f"entries of {_files(metas, layout.base)}") if metas else ""
     _warn(f"data.path={cfg.path!r}: {_inference(layout)}; that leaves out {left}. mmtrain loaded the whole folder "
-          f"as one train split instead ({loaded}{also}) and holds out data.val_fraction={cfg.val_fraction} of it "
-          f"for validation. For named splits, {SPLIT_LAYOUT} "
-          f"(--data.val_split picks the one to validate on); to keep one split without this warning, rename or "
-          f"move {triggers} so that datasets infers no splits from the names.")
+          f"as one train split instead ({_count(raw['train'].num_rows, 'sample')}) and holds out "
+          f"data.val_fraction={cfg.val_fraction} of it for validation. For named splits, {SPLIT_LAYOUT} "
+          f"(--data.val_split picks the one to validate on); to keep one split without this warning, rename "
+          f"{' and '.join(f'{_more(n)} ({s} split)' for s, n in names.items())} to "
+          f"{'a name' if one else 'names'} without a split word{update}.")
     return raw
 
 
 def _load_regrouped(path: str, layout: FolderSplits, cfg: DataConfig) -> Any:
     """Every image is in an inferred split, but a metadata file outside them holds the captions of
-    some: keep datasets' splits and give each metadata row to the split its image file is in."""
+    some: keep datasets' splits and give each metadata row to the split its image file is in (the
+    first one, for a file under two split words, as _inference says)."""
     import datasets
 
     everything = _load_everything(path)["train"]
-    split_of = {f: split for split, files in layout.splits.items() for f in files}
     # A row whose file is in no split names a missing file: data.load_splits' image check reports it.
     default = cfg.train_split if cfg.train_split in layout.splits else next(iter(layout.splits))
     rows: dict[str, list[int]] = {split: [] for split in layout.splits}
     for row, file in enumerate(_image_paths(everything)):
-        rows[split_of.get(file or "", default)].append(row)
+        rows[layout.owner.get(file or "", default)].append(row)
     for split in layout.splits:
-        if layout.images_of(split) and not rows[split]:
+        if layout.images_of(split, owned=True) and not rows[split]:
             raise DataError(
                 f"data.path={cfg.path!r}: {_inference(layout)}. No metadata file lists an image of split {split}, "
                 f"so it has no captions. List them in {_files(layout.unattached_metadata, layout.base)}, "
                 f"or {SPLIT_LAYOUT}.")
     unattached = _files(layout.unattached_metadata, layout.base)
-    counts = ", ".join(f"{split} {_count(len(r), 'sample')}" for split, r in rows.items())
+    counts = ", ".join(f"{split} {_count(len(r), 'sample')}" for split, r in rows.items() if r)
     _warn(f"data.path={cfg.path!r}: {_inference(layout)}. It reads a metadata file only for the split whose files "
           f"include it, and {unattached} is in no split, so {' and '.join(layout.captionless)} would have no "
           f"captions. mmtrain read {unattached} itself and gave each row to the split its image is in "
@@ -340,25 +407,27 @@ def _load_regrouped(path: str, layout: FolderSplits, cfg: DataConfig) -> Any:
 def _load_imagefolder(path: str, cfg: DataConfig) -> Any:
     """``load_dataset("imagefolder", data_dir=path)`` where datasets' split inference keeps every
     image and caption (the standard layouts, loaded exactly as before); otherwise the folder loaded
-    by mmtrain with one warning, or a DataError when the user asked for splits the folder lacks."""
+    by mmtrain with one warning, or a DataError when the user asked for splits the folder lacks.
+    Either way, images no metadata file lists get a warning of their own."""
     import datasets
 
     layout = inspect_imagefolder(path)
     if layout is None or layout.consistent:
         if layout is not None:
             _check_split_names(layout, cfg)
-        return datasets.load_dataset("imagefolder", data_dir=path)
-    if layout.left_out_images:
-        asked = _requested(cfg)
+        raw = datasets.load_dataset("imagefolder", data_dir=path)
+    elif layout.left_out_images:
+        defaults = DataConfig.__dataclass_fields__
+        asked = [f"data.{o}={getattr(cfg, o)!r}" for o in ("train_split", "val_split")
+                 if getattr(cfg, o) != defaults[o].default]  # only options the user set make this an error
         if asked:
-            left = _places(layout.left_out_images, layout.base)
             raise DataError(
                 f"data.path={cfg.path!r}: {' and '.join(asked)} cannot be used: {_inference(layout)}; that leaves "
-                f"out {left}. For named splits, {SPLIT_LAYOUT}, and pass those "
-                f"names; or leave data.train_split and data.val_split unset to load the whole folder as one train "
-                f"split with data.val_fraction held out for validation.")
-        return _load_as_one_split(path, layout, cfg)
-    if not layout.unattached_metadata:  # the captions of a split's images are nowhere in the folder
+                f"out {_places(layout.left_out_images, layout.base)}. For named splits, {SPLIT_LAYOUT}, and pass "
+                f"those names; or leave data.train_split and data.val_split unset to load the whole folder as one "
+                f"train split with data.val_fraction held out for validation.")
+        raw = _load_as_one_split(path, layout, cfg)
+    elif not layout.unattached_metadata:  # the captions of a split's images are nowhere in the folder
         split = layout.captionless[0]
         folders = {os.path.dirname(os.path.relpath(f, layout.base)) for f in layout.images_of(split)}
         common = os.path.commonpath(sorted(folders)) if "" not in folders else ""
@@ -367,8 +436,11 @@ def _load_imagefolder(path: str, cfg: DataConfig) -> Any:
             f"data.path={cfg.path!r}: {_inference(layout)}. It reads a metadata file only for the split whose "
             f"files include it, so split {split} has no captions. Add {target} listing "
             f"its images (file_name relative to that folder), or {SPLIT_LAYOUT}.")
-    _check_split_names(layout, cfg)
-    return _load_regrouped(path, layout, cfg)
+    else:
+        _check_split_names(layout, cfg)
+        raw = _load_regrouped(path, layout, cfg)
+    _warn_unlisted(layout, raw, cfg)
+    return raw
 
 
 def load_raw(cfg: DataConfig, image_size: int) -> Any:
@@ -396,10 +468,8 @@ def load_raw(cfg: DataConfig, image_size: int) -> Any:
         if problem:
             raise DataError(problem) from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = {
-            "imagefolder": "it must hold image files plus metadata.jsonl or metadata.csv with a file_name column",
-            "disk": "it must be a folder written by datasets' save_to_disk",
-            "hub": "hub datasets need network access; where there is none, save the dataset with "
-                   "save_to_disk elsewhere and use data.source=disk",
-        }[cfg.source]
+        hint = {"imagefolder": "it must hold image files plus metadata.jsonl or metadata.csv with a file_name column",
+                "disk": "it must be a folder written by datasets' save_to_disk",
+                "hub": "hub datasets need network access; where there is none, save the dataset with "
+                       "save_to_disk elsewhere and use data.source=disk"}[cfg.source]
         raise DataError(f"data.path={cfg.path!r}: could not load it as {cfg.source} ({reason}); {hint}") from None

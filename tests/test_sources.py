@@ -7,6 +7,8 @@ that every image was loaded and that each kept its caption.
 
 import csv
 import json
+import os
+import re
 import warnings
 from pathlib import Path
 
@@ -215,7 +217,8 @@ def test_image_file_named_with_a_split_word_in_a_flat_folder(tmp_path):
     _assert_every_image_with_its_caption(root, train, val)
     (message,) = said
     assert "here: test from test_card.png with no metadata file" in message
-    assert "rename or move test_card.png so" in message
+    assert "rename test_card.png (test split) to a name without a split word, and change it to the new name in " \
+           "the file_name entries of metadata.jsonl" in message
 
 
 @pytest.mark.parametrize("split_folder", ["testing", "valid_set", "eval_2024", "dev"])
@@ -247,14 +250,17 @@ def test_notes_file_that_datasets_takes_for_a_test_split(tmp_path):
     (root / "instruction.md").write_text("how these pictures were taken\n")
     train, val, said = _load(root)
     _assert_every_image_with_its_caption(root, train, val)
-    assert "test from instruction.md (no image files)" in said[0] and "move instruction.md so" in said[0]
+    assert "test from instruction.md (no image files)" in said[0]
+    assert "rename instruction.md (test split) to a name without a split word." in said[0]  # no metadata lists it
 
 
 def test_images_no_metadata_lists_are_named_in_the_warning(tmp_path):
     root = _folder(tmp_path / "art", {"sketches": 4, "test_prints": 2, "loose": 2}, {"": ["sketches", "test_prints"]})
     train, val, said = _load(root)
     assert len(train) + len(val) == 6
-    assert "2 image files that no metadata file lists stay out (loose/ (2 images))" in said[0]
+    assert "that leaves out loose/ (2 images), sketches/ (4 images) and metadata.jsonl" in said[0]
+    assert "2 image files of 8 not listed in any metadata file" in said[1]
+    assert "loose/img_00.png, loose/img_01.png. To use them, add a line for each to metadata.jsonl" in said[1]
 
 
 # --- mmtrain's one-listing copy of the inference agrees with datasets' own ----------------------------------
@@ -280,7 +286,236 @@ def test_inference_from_one_listing_matches_datasets(tmp_path, files):
         (tmp_path / name).touch()
     base = tmp_path.resolve().as_posix()
     theirs = DataFilesDict.from_patterns(get_data_patterns(base), base_path=base)
-    ours = _splits_from_listing(base, resolve_pattern("**", base))
-    assert ours is not None
+    found = _splits_from_listing(base, resolve_pattern("**", base))
+    assert found is not None
+    patterns, ours = found
+    assert patterns == {str(s): tuple(p) for s, p in get_data_patterns(base).items()}
     assert {split: sorted(f) for split, f in ours.items()} == {str(s): sorted(f) for s, f in theirs.items()}
     assert list(ours) == [str(s) for s in theirs]  # the same order: it decides which split validates
+
+
+# --- following the printed fix makes the warning go away --------------------------------------------------
+
+
+def _tree(root: Path, images: list[str], metadata: dict[str, list[str]]) -> Path:
+    """``images``: PNG paths relative to root; ``metadata``: {folder of a metadata.jsonl: the images it
+    lists}, each file_name relative to that folder."""
+    for i, rel in enumerate(images):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (10 * i % 256, 50, 90)).save(root / rel)
+    for meta_dir, listed in metadata.items():
+        rows = [{"file_name": str(Path(rel).relative_to(meta_dir)), "caption": _caption(rel)} for rel in listed]
+        (root / meta_dir / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _follow_rename_fix(root: Path, message: str) -> None:
+    """Do what 'rename A (train split) and B, C (test split) to names without a split word, and change
+    them to the new names in the file_name entries of M' says, with new names free of split words."""
+    fix = re.search(r"rename (.*?) to (?:a name|names) without a split word(?:, and change .*? in the "
+                    r"file_name entries of (.*?))?\.?$", message)
+    assert fix, message
+    old = [n for group in re.split(r" \(\w+ split\)(?: and )?", fix.group(1)) if group
+           for n in re.split(r", | and ", group)]
+    new = {n: f"renamed{i}{Path(n.rstrip('/')).suffix}" for i, n in enumerate(old)}
+
+    def moved(rel: str) -> str:  # a path under the new names
+        parts = rel.split("/")
+        for name, to in new.items():
+            depth = len(name.rstrip("/").split("/"))
+            if rel.split("/")[:depth] == name.rstrip("/").split("/"):
+                parts[depth - 1] = to
+        return "/".join(parts)
+
+    for meta in re.split(r", | and ", fix.group(2)) if fix.group(2) else []:
+        rows = [json.loads(line) for line in (root / meta).read_text().splitlines()]
+        meta_dir = os.path.dirname(meta) or "."
+        for row in rows:
+            row["file_name"] = os.path.relpath(moved(os.path.normpath(f"{meta_dir}/{row['file_name']}")),
+                                               moved(meta_dir))
+        (root / meta).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in sorted(old, key=lambda n: -n.rstrip("/").count("/")):  # deepest first: its parents keep their path
+        (root / name.rstrip("/")).rename((root / name.rstrip("/")).with_name(new[name]))
+
+
+# The QA layouts whose one-split warning named the wrong thing (photos/) or a fix that stopped the run
+# (a renamed val_01.png still listed under its old name): what the warning must name, and what it
+# must say about the metadata.
+RENAME_LAYOUTS = {
+    "testing_file_in_plain_folder": (
+        [f"photos/p{i}.png" for i in range(6)] + ["photos/testing.png"],
+        {"photos": [f"photos/p{i}.png" for i in range(6)] + ["photos/testing.png"]},
+        "rename photos/testing.png (test split) to a name without a split word, and change it to the new name in "
+        "the file_name entries of photos/metadata.jsonl"),
+    "flat_split_word_files": (
+        [f"p{i}.png" for i in range(8)] + ["testimage.png", "val_01.png", "test_card.png"],
+        {"": [f"p{i}.png" for i in range(8)] + ["testimage.png", "val_01.png", "test_card.png"]},
+        "rename val_01.png (validation split) and test_card.png (test split) to names without a split word, and "
+        "change them to the new names in the file_name entries of metadata.jsonl"),
+    "flat_train_file": (
+        [f"p{i}.png" for i in range(8)] + ["trainstation.png", "train_01.png"],
+        {"": [f"p{i}.png" for i in range(8)] + ["trainstation.png", "train_01.png"]},
+        "rename train_01.png (train split) to a name without a split word, and change it to the new name in the "
+        "file_name entries of metadata.jsonl"),
+    "split_folders_beside_plain_one_root_metadata": (
+        [f"{d}/p{i}.png" for d in ("train", "test", "misc") for i in range(3)],
+        {"": [f"{d}/p{i}.png" for d in ("train", "test", "misc") for i in range(3)]},
+        "rename train/ (train split) and test/ (test split) to names without a split word, and change them to "
+        "the new names in the file_name entries of metadata.jsonl"),
+    "split_folder_with_its_own_metadata": (
+        [f"sketches/p{i}.png" for i in range(4)] + [f"test_prints/q{i}.png" for i in range(2)],
+        {"sketches": [f"sketches/p{i}.png" for i in range(4)], "test_prints": ["test_prints/q0.png",
+                                                                               "test_prints/q1.png"]},
+        "rename test_prints/ (test split) to a name without a split word."),
+    "split_word_in_two_folder_names": (
+        [f"training_data/train/p{i}.png" for i in range(3)] + [f"misc/q{i}.png" for i in range(3)],
+        {"": [f"training_data/train/p{i}.png" for i in range(3)] + [f"misc/q{i}.png" for i in range(3)]},
+        "rename training_data/ and training_data/train/ (train split) to names without a split word, and change "
+        "them to the new names in the file_name entries of metadata.jsonl"),
+    "nested_train_folder": (
+        [f"cats/train/p{i}.png" for i in range(3)] + [f"dogs/q{i}.png" for i in range(3)],
+        {"": [f"cats/train/p{i}.png" for i in range(3)] + [f"dogs/q{i}.png" for i in range(3)]},
+        "rename cats/train/ (train split) to a name without a split word, and change it to the new name in the "
+        "file_name entries of metadata.jsonl"),
+}
+
+
+@pytest.mark.parametrize("name", list(RENAME_LAYOUTS))
+def test_one_split_warning_names_what_to_rename_and_following_it_silences_it(tmp_path, name):
+    images, metadata, expected = RENAME_LAYOUTS[name]
+    root = _tree(tmp_path / name, images, metadata)
+    train, val, said = _load(root)
+    _assert_every_image_with_its_caption(root, train, val)
+    (message,) = said
+    assert expected in message
+    _follow_rename_fix(root, message)
+    train, val, said = _load(root)
+    assert said == []
+    assert sorted([*train["caption"], *val["caption"]]) == sorted(_caption(rel) for rel in images)
+
+
+def test_the_file_not_its_folder_is_named_as_the_split(tmp_path):
+    images, metadata, _ = RENAME_LAYOUTS["testing_file_in_plain_folder"]
+    (message,) = _load(_tree(tmp_path / "ds", images, metadata))[2]
+    assert "here: test from photos/testing.png with no metadata file; that leaves out photos/ (6 images)" in message
+
+
+# --- the split options offered never make validation the train split -----------------------------------------
+
+
+def test_one_split_only_offers_holding_out_for_validation(tmp_path):
+    root = _folder(tmp_path / "ds", {"test": 4}, {"test": ["test"]})
+    with pytest.raises(DataError) as err:
+        _load(root)
+    assert "To load this folder, pass --data.train_split test and leave data.val_split unset to hold out " \
+           "--data.val_fraction of it for validation;" in str(err.value)
+    with pytest.raises(DataError) as err:
+        _load(root, train_split="test", val_split="validation")
+    assert "To load this folder, remove data.val_split to hold out --data.val_fraction" in str(err.value)
+    assert "--data.val_split test" not in str(err.value)
+    train, val, _ = _load(root, train_split="test")  # what it says works
+    assert (len(train), len(val)) == (3, 1)
+
+
+@pytest.mark.parametrize("options, offered", [
+    ({"val_split": "validation"}, "pass --data.val_split test;"),
+    ({"train_split": "sketches"}, "pass --data.train_split with one of train, test;"),
+    ({"train_split": "sketches", "val_split": "test"}, "pass --data.train_split train;"),
+    ({"train_split": "sketches", "val_split": "nope"},
+     "pass --data.train_split with one of train, test and --data.val_split with another of them;"),
+])
+def test_validation_choices_leave_out_the_train_split(tmp_path, options, offered):
+    root = _folder(tmp_path / "ds", {"train": 4, "test": 2}, {"train": ["train"], "test": ["test"]})
+    with pytest.raises(DataError) as err:
+        _load(root, **options)
+    assert offered in str(err.value)
+    assert "--data.val_split train" not in str(err.value)
+
+
+# --- images no metadata line lists: reported on every load -----------------------------------------------------
+
+
+def _add_lines_as_told(root: Path, message: str) -> None:
+    """Add each unlisted image to the nearest metadata file above it, as the warning says."""
+    listed = set()
+    for meta in root.rglob("metadata.jsonl"):
+        listed |= {str((meta.parent / json.loads(line)["file_name"]).relative_to(root))
+                   for line in meta.read_text().splitlines()}
+    for png in sorted(root.rglob("*.png")):
+        rel = str(png.relative_to(root))
+        if rel not in listed:
+            meta = next(d / "metadata.jsonl" for d in png.parents if (d / "metadata.jsonl").exists())
+            assert str(meta.relative_to(root)) in message
+            with meta.open("a") as f:
+                f.write(json.dumps({"file_name": str(png.relative_to(meta.parent)), "caption": _caption(rel)}) + "\n")
+
+
+def _without(images: list[str], *left_out: str) -> list[str]:
+    return [i for i in images if i not in left_out]
+
+
+FLAT = [f"img_{i:02d}.png" for i in range(8)]
+TRAIN, VAL = [f"train/img_{i:02d}.png" for i in range(8)], [f"validation/img_{i:02d}.png" for i in range(3)]
+
+
+@pytest.mark.parametrize("images, metadata, unlisted, told", [
+    (FLAT, {"": _without(FLAT, "img_06.png", "img_07.png")}, "img_06.png, img_07.png",
+     'add a line for each to metadata.jsonl with its file_name (relative to that file\'s folder) and \'caption\', '
+     'e.g. {"file_name": "img_06.png", "caption": "..."}'),
+    (TRAIN + VAL, {"train": _without(TRAIN, "train/img_06.png", "train/img_07.png"), "validation": VAL},
+     "train/img_06.png, train/img_07.png", 'add a line for each to train/metadata.jsonl with its file_name '
+     '(relative to that file\'s folder) and \'caption\', e.g. {"file_name": "img_06.png", "caption": "..."}'),
+    (TRAIN + VAL, {"": _without(TRAIN + VAL, "train/img_06.png", "train/img_07.png")},  # regrouped by mmtrain
+     "train/img_06.png, train/img_07.png", 'e.g. {"file_name": "train/img_06.png", "caption": "..."}'),
+])
+def test_images_without_a_metadata_line_are_named_and_adding_the_line_loads_them(tmp_path, images, metadata,
+                                                                                  unlisted, told):
+    root = _tree(tmp_path / "ds", images, metadata)
+    train, val, said = _load(root)
+    assert len(train) + len(val) == len(images) - 2
+    (message,) = [m for m in said if "not listed in any metadata file" in m]
+    assert f"2 image files of {len(images)} not listed in any metadata file, so datasets drops them and " \
+           f"mmtrain neither trains nor validates on them: {unlisted}." in message
+    assert told in message
+    _add_lines_as_told(root, message)
+    train, val, said = _load(root)
+    assert not [m for m in said if "not listed" in m]
+    _assert_every_image_with_its_caption(root, train, val)
+
+
+# --- a file under two split words is counted once ---------------------------------------------------------------
+
+
+def _two_word_folder(root: Path, one_metadata: bool) -> Path:
+    train = [f"train/p{i}.png" for i in range(5)] + [f"train/test_shots/t{i}.png" for i in range(3)]
+    test = [f"test/q{i}.png" for i in range(4)]
+    return _tree(root, train + test, {"": train + test} if one_metadata else {"train": train, "test": test})
+
+
+@pytest.mark.parametrize("one_metadata", [True, False])
+def test_file_under_two_split_words_goes_to_one_split_and_the_warning_says_which(tmp_path, one_metadata):
+    root = _two_word_folder(tmp_path / "ds", one_metadata)
+    train, val, said = _load(root, val_split="test")
+    _assert_every_image_with_its_caption(root, train, val)
+    assert (len(train), len(val)) == (8, 4)  # train/test_shots/ in train only, as with per-split metadata
+    if one_metadata:
+        (message,) = said
+        assert "here: train from train/ (8 images) with no metadata file; test from test/ (4 images), " \
+               "train/test_shots/ (3 images, counted in train) with no metadata file" in message
+        assert "(train 8 samples, test 4 samples)" in message
+    else:
+        assert said == []
+
+
+# --- the search for the name that carries a split word costs one search per folder --------------------------
+
+
+def test_trigger_search_runs_once_per_folder(tmp_path):
+    from mmtrain.sources import inspect_imagefolder
+
+    root = _tree(tmp_path / "ds", [f"train/p{i}.png" for i in range(50)] + [f"misc/q{i}.png" for i in range(3)],
+                 {"": []})
+    layout = inspect_imagefolder(str(root))
+    assert layout is not None and layout.left_out_images
+    names = {layout.trigger("train", f) for f in layout.images_of("train")}
+    assert names == {"train/"} and len(layout._decided) == 1

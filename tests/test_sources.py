@@ -279,7 +279,7 @@ def test_images_no_metadata_lists_are_named_in_the_warning(tmp_path):
 def test_inference_from_one_listing_matches_datasets(tmp_path, files):
     from datasets.data_files import DataFilesDict, get_data_patterns, resolve_pattern
 
-    from mmtrain.sources import _splits_from_listing
+    from mmtrain.imagefolder import _splits_from_listing
 
     for name in files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -511,7 +511,7 @@ def test_file_under_two_split_words_goes_to_one_split_and_the_warning_says_which
 
 
 def test_trigger_search_runs_once_per_folder(tmp_path):
-    from mmtrain.sources import inspect_imagefolder
+    from mmtrain.imagefolder import inspect_imagefolder
 
     root = _tree(tmp_path / "ds", [f"train/p{i}.png" for i in range(50)] + [f"misc/q{i}.png" for i in range(3)],
                  {"": []})

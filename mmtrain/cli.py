@@ -20,7 +20,8 @@ EXAMPLES = """examples:
 
 def _train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "train", help="train a model", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "train", allow_abbrev=False, help="train a model", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train the engravings model. Values come from the defaults, then --config, then the "
                     "--section.field options below (later wins).",
         argument_default=argparse.SUPPRESS,
@@ -52,7 +53,7 @@ def _device_and_batch(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="caption and reconstruct images with an exported model",
+    p = sub.add_parser("predict", allow_abbrev=False, help="caption and reconstruct images with an exported model",
                        description="Greedy caption, reconstruction MSE and reconstruction PNGs for each image.",
                        epilog="example:\n  mmtrain predict runs/laptop/model engravings/ --out predictions/",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,7 +67,7 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
 
 def _retrieve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "retrieve", help="rank images by a caption, or captions by an image",
+        "retrieve", allow_abbrev=False, help="rank images by a caption, or captions by an image",
         description="Rank by cosine similarity in the aligned latent space. Text -> images: --images and "
                     "--query. Image -> text: --image and --captions.",
         epilog="examples:\n  mmtrain retrieve runs/laptop/model --images val/ --query \"two circles above a square\"\n"
@@ -84,7 +85,7 @@ def _retrieve_parser(sub: argparse._SubParsersAction) -> None:
 
 def _export_data_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "export-data", help="write a configured dataset split as an image folder + metadata.jsonl",
+        "export-data", allow_abbrev=False, help="write a configured dataset split as an image folder + metadata.jsonl",
         description="Write the images and captions of a data source (by default the built-in synthetic "
                     "engravings) as DIR/<name>.png plus DIR/metadata.jsonl (file_name, caption): the imagefolder "
                     "layout mmtrain trains on, and images to try `mmtrain predict` on.",
@@ -300,8 +301,26 @@ def run_export_data(args: argparse.Namespace) -> int:
     return _report_failures(failures)
 
 
+def _attach_config_values(argv: Sequence[str]) -> list[str]:
+    """``--section.field VALUE`` -> ``--section.field=VALUE``: argparse would read a value starting with
+    ``-`` (``-1e3``, ``-foo``) as an option, while the same text in a config file is a value. A
+    following token that is itself an option (``--...``) is left alone, so a missing value is still
+    reported as missing."""
+    flags = {flag for flag, _, _ in help_lines()}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in flags and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_attach_config_values(sys.argv[1:] if argv is None else list(argv)))
     _short_warnings()
     try:
         return {"train": run_train, "predict": run_predict, "retrieve": run_retrieve,

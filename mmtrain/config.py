@@ -31,6 +31,14 @@ def _require(cond: bool, section: str, name: str, why: str, value: Any) -> None:
         raise ConfigError(f"{section}.{name} {why} (got {value!r})")
 
 
+# numpy and torch seed generators take 32-bit unsigned seeds; outside this they fail mid-start-up.
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def _require_seed(section: str, name: str, value: int) -> None:
+    _require(SEED_RANGE[0] <= value <= SEED_RANGE[1], section, name, f"must be in [0, {SEED_RANGE[1]}]", value)
+
+
 def _is_colour(spec: Any) -> bool:
     from PIL import ImageColor  # the parser mmtrain.images uses, so a valid value always decodes
 
@@ -139,6 +147,8 @@ class DataConfig:
                  "nothing); name another split, or leave it null to hold out data.val_fraction of the train split",
                  self.val_split)
         _require(0.0 < self.val_fraction < 1.0, s, "val_fraction", "must be in (0, 1)", self.val_fraction)
+        _require_seed(s, "split_seed", self.split_seed)
+        _require_seed(s, "synthetic_seed", self.synthetic_seed)
         _require(self.synthetic_train_size > 0, s, "synthetic_train_size", "must be > 0", self.synthetic_train_size)
         _require(self.synthetic_val_size > 0, s, "synthetic_val_size", "must be > 0", self.synthetic_val_size)
         _require(self.num_workers >= 0, s, "num_workers", "must be >= 0", self.num_workers)
@@ -207,6 +217,7 @@ class TrainConfig:
         _require(self.eval_batch_size >= 0, s, "eval_batch_size", "must be >= 0", self.eval_batch_size)
         _require(bool(self.resume), s, "resume", "must be auto, none or a checkpoint folder", self.resume)
         _require(self.max_nonfinite_steps > 0, s, "max_nonfinite_steps", "must be > 0", self.max_nonfinite_steps)
+        _require_seed(s, "seed", self.seed)
 
 
 @dataclass

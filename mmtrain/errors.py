@@ -4,6 +4,9 @@ The CLI prints them as one line naming the field or file and the fix, and exits 
 traceback. Anything else is a bug and keeps its traceback.
 """
 
+import os
+import shlex
+
 
 class UserError(Exception):
     """Base class: caught by the CLI, printed, exit code 2."""
@@ -29,3 +32,10 @@ class TrainingError(Exception):
 
 class CheckpointError(UserError):
     """A checkpoint to resume from is missing, incomplete, unsafe to load, or from a different run."""
+
+
+def shell_word(value: str | os.PathLike[str]) -> str:
+    """``value`` as one shell word for a command we print: quoted with ``shlex.quote`` (spaces, quotes,
+    ``$``), and a path starting with ``-`` written ``./-…`` so that no program reads it as an option."""
+    text = os.fspath(value)
+    return shlex.quote(f"./{text}" if text.startswith("-") else text)

@@ -12,7 +12,6 @@ import math
 import netrc
 import os
 import re
-import shlex
 import threading
 import warnings
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from PIL import Image as PILImage
 
 from mmtrain.checkpoint import write_atomic
 from mmtrain.config import WandbConfig
+from mmtrain.errors import shell_word
 
 
 def has_wandb_credentials() -> bool:
@@ -351,7 +351,7 @@ class Tracker(NullTracker):
             except Exception as e:
                 where = self.run_dir
                 warnings.warn(f"W&B finish failed ({_describe(e)}); the run's files are in {where}, upload them "
-                              f"with `wandb sync {shlex.quote(str(where))}`. metrics.jsonl has every record.",
+                              f"with `wandb sync {shell_word(where)}`. metrics.jsonl has every record.",
                               stacklevel=2)
         # Close a run dropped after a failure (already warned about), so it is complete on disk and no
         # later wandb.init in this process gets it back; bounded too, in case closing it is what hangs.

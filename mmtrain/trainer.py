@@ -11,7 +11,7 @@ and scheduler step -> on a log step only: one reduce + one gather + one host cop
 import contextlib
 import dataclasses
 import math
-import shlex
+import re
 import shutil
 import signal
 import sys
@@ -29,7 +29,7 @@ from mmtrain.checkpoint import Checkpointer, TrainingObjects, export_model, mode
 from mmtrain.config import Config, read_yaml
 from mmtrain.data import build_dataloader, fixed_batch, load_splits
 from mmtrain.distributed import build_accelerator, print_main
-from mmtrain.errors import CheckpointError, ConfigError, DataError, TrainingError
+from mmtrain.errors import CheckpointError, ConfigError, DataError, TrainingError, shell_word
 from mmtrain.hardware import HardwareMonitor
 from mmtrain.media import MediaLogger, NullMediaLogger
 from mmtrain.metrics import MAX_FIELDS, SUM_FIELDS, grad_stats, retrieval_recall, sample_stats, summarize
@@ -115,6 +115,7 @@ class Trainer:
         self.output_dir = Path(cfg.train.output_dir).expanduser()
         self.state = TrainState()
         self.started = time.perf_counter()  # fit() restarts it; set here so a bare train_epoch can save
+        self.validating = False
         set_seed(cfg.train.seed)
         self.checkpointer = Checkpointer(self.accelerator, self.output_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.resume_from = self.checkpointer.find_resume(cfg.train.resume)
@@ -174,7 +175,7 @@ class Trainer:
             raise CheckpointError(
                 f"train.resume: {path} belongs to a different run; these fields differ (checkpoint -> now): "
                 f"{'; '.join(blocking)}. Resume with the checkpoint's config "
-                f"(--config {shlex.quote(str(path / 'config.yaml'))}), "
+                f"(--config {shell_word(path / 'config.yaml')}), "
                 "or start a new run with another --train.output_dir (or --train.resume none --train.overwrite true)")
         if other:
             print_main(self.accelerator, f"mmtrain: resuming {path} with changed settings: {'; '.join(other)}")
@@ -188,10 +189,11 @@ class Trainer:
             if acc.is_main_process:
                 dropped = keep_metrics_until(out / "metrics.jsonl", self.state.optimizer_step)
                 print_main(acc, f"mmtrain: {dropped} metrics.jsonl line(s) after the checkpoint will be trained again")
-        elif existing and cfg.train.resume == "auto" and (out / "config.yaml").is_file() and \
+        elif existing and (cfg.train.resume == "auto" or self.resume_from is not None) and \
+                not self.checkpointer.complete() and (out / "config.yaml").is_file() and \
                 not config_differences(read_yaml(out / "config.yaml"), cfg, acc.num_processes)[0]:
-            # `auto` with no checkpoint yet: the same run died before its first save. Start it over,
-            # keeping its W&B files (a record of the attempt; they are not this run's any more).
+            # No checkpoint here yet: the same run died before its first save. Start it over (from the
+            # checkpoint it was continuing, if any), keeping its W&B files (a record of the attempt).
             existing = [name for name in existing if name != "wandb"]
         elif existing and not cfg.train.overwrite:
             raise ConfigError(f"train.output_dir={str(out)!r} already holds a run ({', '.join(existing)}); "
@@ -334,7 +336,9 @@ class Trainer:
                     break
                 if self.train_epoch(epoch):
                     return self.stop_on_signal()
-                self.end_epoch(epoch)
+                # A max_steps cut validates where it stopped but leaves the epoch open: a run continued
+                # without the cap finishes this epoch instead of skipping the rest of it.
+                self.end_epoch(epoch, complete=state.batches_in_epoch >= len(self.train_loader))
                 self.save_checkpoint()
                 if self.stop_requested():
                     return self.stop_on_signal()
@@ -522,15 +526,17 @@ class Trainer:
         self.progress.set_postfix(loss=f"{record['total_loss']:.4f}", samples_s=f"{record['samples_per_second']:.1f}")
         self.window.reset()
 
-    def end_epoch(self, epoch: int) -> None:
-        """Epoch summary: training means over the whole epoch, then the validation pass."""
+    def end_epoch(self, epoch: int, complete: bool = True) -> None:
+        """Epoch summary: training means over the epoch (so far, when not ``complete``: a max_steps
+        cut), then the validation pass. Only a complete epoch moves the data position to the next."""
         state = self.state
         self.check_nonfinite()  # the epoch's last events are logged before its record
         rows = gather_rows(self.accelerator, {**self.epoch_window.device_parts(),
                                               "host": self.epoch_window.host_values()})
         train = combine(rows)
         val = self.evaluate()
-        state.epoch, state.batches_in_epoch = epoch + 1, 0
+        if complete:
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
         if val["val/total_loss"] < state.best_val_loss:
             state.best_val_loss, state.best_val_epoch = val["val/total_loss"], epoch + 1
         record = {
@@ -557,6 +563,7 @@ class Trainer:
         :func:`eval_alignment`), so padding duplicates never enter it as negatives."""
         acc, model = self.accelerator, self.model
         model.eval()
+        self.validating = True  # read by out_of_memory: the fix for an OOM here is the eval batch
         terms_sum = torch.zeros(3, dtype=torch.float64, device=acc.device)
         sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=acc.device)
         maxes = torch.full((len(MAX_FIELDS),), -math.inf, dtype=torch.float64, device=acc.device)
@@ -575,6 +582,7 @@ class Trainer:
             texts.append(txt)
             ids.append(cap)
         model.train()
+        self.validating = False
         latent, text = torch.cat(latents), torch.cat(texts)
         scale = acc.unwrap_model(model).alignment.scale()
         align_sum = eval_alignment(latent, text, scale, self.cfg.train.batch_size).double().sum().view(1)
@@ -622,7 +630,7 @@ class Trainer:
             else:
                 lines.append("mmtrain: not requeued: the requeued job would not resume; add --train.resume auto")
         lines.append(f"mmtrain: continue with the same command and --train.resume auto "
-                     f"(or --train.resume {shlex.quote(str(checkpoint))})")
+                     f"(or --train.resume {shell_word(checkpoint)})")
         self.tracker.summary({"status": "preempted", "optimizer_steps": state.optimizer_step,
                               "checkpoint": str(checkpoint)})
         self.tracker.finish()
@@ -630,34 +638,46 @@ class Trainer:
         return {"preempted": True, "optimizer_steps": state.optimizer_step, "checkpoint": str(checkpoint)}
 
     def out_of_memory(self, error: BaseException) -> TrainingError:
-        """Record what ran out and hand back the error to raise; checkpoints are not touched."""
+        """Record what ran out and hand back the error to raise; checkpoints are not touched. The
+        message ends with the flags that fix it, to add to the same command."""
         acc, cfg, state = self.accelerator, self.cfg, self.state
         figures = memory_figures(acc.device)
         with contextlib.suppress(Exception):  # events of earlier steps first; a failing read loses only them
             self.check_nonfinite()
         bs, accum = cfg.train.batch_size, cfg.train.gradient_accumulation_steps
-        self.tracker.log({"out_of_memory": 1, "oom/batch_size": bs, **{f"oom/{k}": v for k, v in figures.items()}},
+        eval_bs = cfg.train.eval_batch_size or bs
+        # Logged at the step that did not complete (in validation: the next one, which never started).
+        self.tracker.log({"out_of_memory": 1, "oom/batch_size": eval_bs if self.validating else bs,
+                          "oom/in_validation": int(self.validating), **{f"oom/{k}": v for k, v in figures.items()}},
                          step=state.optimizer_step + 1)
         self.tracker.summary({"status": "failed: out of memory"})
         self.tracker.finish()
         latest = self.checkpointer.complete()
+        # Continue from this run's newest checkpoint; before its first save, from the checkpoint it
+        # resumed (auto would find none here and start over).
+        resume = "auto" if latest or self.resume_from is None else shell_word(self.resume_from)
         shown = ", ".join(f"{k} {v:.0f}" for k, v in figures.items())
         rank = f"rank {acc.process_index}, " if acc.num_processes > 1 else ""
         # The smallest factor of the batch size splits it into equal micro-batches: the same effective
         # batch, which resume accepts as the same run.
         factor = next((f for f in range(2, bs + 1) if bs % f == 0), None)
-        if factor is None:
-            fix = ("train.batch_size is already 1: use --train.mixed_precision bf16 (or fp16 on a GPU), a smaller "
-                   "model, or fewer processes per device; then continue with the same command plus "
-                   "--train.resume auto")
+        if self.validating:
+            where = (f"in the validation after optimizer step {state.optimizer_step} "
+                     f"with train.eval_batch_size={eval_bs}")
+            smaller = f"--train.eval_batch_size {eval_bs // 2} " if eval_bs > 1 else "--train.mixed_precision bf16 "
+            fix = ("Validate in smaller batches (the values do not depend on it): continue with the same command "
+                   f"plus {smaller}")
+        elif factor is None:
+            where = f"in optimizer step {state.optimizer_step + 1} with train.batch_size=1"
+            fix = ("train.batch_size is already 1: use a smaller model or fewer processes per device, or continue "
+                   "with the same command plus --train.mixed_precision bf16 (or fp16 on a GPU) ")
         else:
+            where = f"in optimizer step {state.optimizer_step + 1} with train.batch_size={bs}"
             fix = (f"Keep the effective batch with smaller micro-batches: continue with the same command plus "
-                   f"--train.batch_size {bs // factor} --train.gradient_accumulation_steps {accum * factor} "
-                   f"--train.resume auto")
+                   f"--train.batch_size {bs // factor} --train.gradient_accumulation_steps {accum * factor} ")
         return TrainingError(
-            f"out of memory ({rank}{acc.device}) in optimizer step {state.optimizer_step + 1} with "
-            f"train.batch_size={bs} per device [{shown} MB]. {fix}. The last checkpoint, "
-            f"{latest[-1] if latest else 'none yet'}, is intact. ({type(error).__name__})")
+            f"out of memory ({rank}{acc.device}) {where} per device [{shown} MB]. {fix}--train.resume {resume}. "
+            f"The last checkpoint, {latest[-1] if latest else 'none yet'}, is intact. ({type(error).__name__})")
 
     def finish(self) -> dict[str, Any]:
         acc, state = self.accelerator, self.state
@@ -706,7 +726,15 @@ class Trainer:
         if run_dir is None:
             lines.append("W&B:        disabled")
         elif mode == "offline":
-            lines.append(f"W&B run:    {run_dir}  (offline; upload with: wandb sync {shlex.quote(str(run_dir))})")
+            # Each attempt of a resumed run is its own folder (W&B appends -1, -2 to a name taken in the
+            # same second); they are uploaded together, in one command (README: W&B offline).
+            own = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(str(self.state.wandb_run_id))}(-\d+)?")
+            attempts = sorted(p for p in run_dir.parent.iterdir() if own.fullmatch(p.name))
+            if len(attempts) > 1:
+                lines.append(f"W&B run:    {run_dir}  (offline, {len(attempts)} attempts; upload all with one command: "
+                             f"wandb sync {' '.join(shell_word(p) for p in attempts)})")
+            else:
+                lines.append(f"W&B run:    {run_dir}  (offline; upload with: wandb sync {shell_word(run_dir)})")
         else:
             lines.append(f"W&B run:    {url or run_dir}")
         print_main(self.accelerator, *lines)

@@ -119,3 +119,27 @@ def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_config_values_starting_with_a_dash_are_values_on_the_command_line_too(tmp_path, capsys):
+    """`seed: -1e3` in YAML reaches the seed rule; `--train.seed -1e3` used to be read as an option."""
+    from mmtrain.cli import _attach_config_values
+
+    assert _attach_config_values(["train", "--train.seed", "-1e3", "--wandb.tags", "-a", "--train.epochs"]) == [
+        "train", "--train.seed=-1e3", "--wandb.tags=-a", "--train.epochs"]
+    assert main(["train", "--config", "configs/tiny.yaml", "--train.seed", "-1e3"]) == 2
+    assert "train.seed must be in [0, 4294967295] (got -1000)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--train.batch", "--train.epoch", "--optim.max"])
+def test_abbreviated_option_names_are_refused_as_in_yaml(capsys, option):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", "configs/tiny.yaml", option, "4"])
+    assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--train.seed", "--data.split_seed", "--data.synthetic_seed"])
+@pytest.mark.parametrize("value", ["-5", "4294967296"])
+def test_seeds_outside_32_bits_are_refused_before_start(capsys, option, value):
+    assert main(["train", "--config", "configs/tiny.yaml", option, value]) == 2
+    assert f"{option[2:]} must be in [0, 4294967295]" in capsys.readouterr().err

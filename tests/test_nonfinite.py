@@ -257,3 +257,58 @@ def test_resume_refuses_a_different_effective_batch_with_the_arithmetic(tmp_path
     assert main([*args, "--train.batch_size", "8", "--train.resume", "auto"]) == 2
     err = capsys.readouterr().err
     assert "16 x 1 x 1 = 16 -> 8 x 1 x 1 = 8" in err and "Traceback" not in err
+
+
+def _flags_from(err: str) -> list[str]:
+    import re
+    import shlex
+
+    fix = re.search(r"continue with the same command plus (.*?)\. The last checkpoint", err)
+    assert fix, err
+    return shlex.split(fix.group(1))
+
+
+def test_out_of_memory_in_validation_suggests_a_smaller_eval_batch_that_works(tmp_path, monkeypatch, capsys):
+    forward = MultimodalModel.forward
+
+    def big_eval_batches_fail(self, batch):
+        if not self.training and batch["pixel_values"].shape[0] > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return forward(self, batch)
+
+    monkeypatch.setattr(MultimodalModel, "forward", big_eval_batches_fail)
+    args = ["train", "--config", str(TINY), "--train.output_dir", str(tmp_path), "--wandb.mode", "disabled",
+            "--train.eval_batch_size", "32", "--checkpoint.every_steps", "3"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "in the validation after optimizer step 6 with train.eval_batch_size=32" in err
+    assert _flags_from(err) == ["--train.eval_batch_size", "16", "--train.resume", "auto"]
+    reset_accelerate()
+    assert main([*args, "--train.eval_batch_size", "16", "--train.resume", "auto"]) == 1  # 16 > 8: again
+    flags = _flags_from(capsys.readouterr().err)
+    assert flags == ["--train.eval_batch_size", "8", "--train.resume", "auto"]
+    reset_accelerate()
+    assert main(args + flags) == 0
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "val/total_loss" in r] == [6, 12]
+
+
+def test_out_of_memory_before_the_first_save_of_a_run_continued_from_elsewhere(tmp_path, monkeypatch, capsys):
+    """Run B resumed from run A's checkpoint and ran out of memory before its own first save: the fix
+    must continue from A's checkpoint (auto would find none in B and start over from random weights)."""
+    a = ["train", "--config", str(TINY), "--train.output_dir", str(tmp_path / "A"), "--wandb.mode", "disabled",
+         "--train.max_steps", "4", "--checkpoint.every_steps", "4"]
+    assert main(a) == 0
+    reset_accelerate()
+    trainers: list = []
+    _poison(monkeypatch, {6}, trainers, error=torch.OutOfMemoryError("CUDA out of memory"))
+    b = ["train", "--config", str(TINY), "--train.output_dir", str(tmp_path / "B"), "--wandb.mode", "disabled",
+         "--train.resume", str(tmp_path / "A" / "checkpoints" / "step_00000004")]
+    capsys.readouterr()
+    assert main(b) == 1
+    flags = _flags_from(capsys.readouterr().err)
+    assert flags[-2:] == ["--train.resume", str(tmp_path / "A" / "checkpoints" / "step_00000004")]
+    monkeypatch.undo()
+    reset_accelerate()
+    assert main(b[:-2] + flags) == 0
+    steps = [r["step"] for r in read_jsonl(tmp_path / "B" / "metrics.jsonl")]
+    assert steps[0] > 4 and steps[-1] == 12

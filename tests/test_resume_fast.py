@@ -175,3 +175,21 @@ def test_resume_from_a_save_at_an_epochs_last_step_before_its_validation(tmp_pat
     resumed = finish(Trainer(tiny_config(tmp_path / "stopped", **settings, **{"train.resume": "auto"})))
     assert sorted(resumed.records) == sorted(whole.records) == [3, 4, 6, 8]
     assert _differences(whole, resumed) == []
+
+
+def test_a_run_cut_by_max_steps_and_continued_finishes_its_epoch(tmp_path):
+    """tiny: 6 steps per epoch. A --train.max_steps 4 cut validates at step 4 but leaves epoch 0
+    open; continuing without the cap trains its last 2 steps and ends at step 12 with 192 samples
+    (it used to skip them: step 10, 160 samples, and the schedule never reached min_lr)."""
+    from mmtrain.cli import main
+
+    args = ["train", "--config", "configs/tiny.yaml", "--train.output_dir", str(tmp_path), "--wandb.mode", "disabled"]
+    assert main([*args, "--train.max_steps", "4"]) == 0
+    reset_accelerate()
+    assert main([*args, "--train.resume", "auto"]) == 0
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "val/total_loss" in r] == [4, 6, 12]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["optimizer_steps"] == 12 and summary["samples_seen"] == 192
+    last = next(r for r in reversed(records) if "learning_rate" in r)
+    assert last["step"] == 12 and last["learning_rate"] == pytest.approx(1e-4)

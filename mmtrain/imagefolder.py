@@ -16,6 +16,8 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
+from mmtrain.images import image_extensions
+
 # How many folders or files a message names before "and N more".
 NAMED_PLACES = 4
 
@@ -111,11 +113,11 @@ def inspect_imagefolder(path: str) -> FolderSplits | None:
         every = resolve_pattern("**", base)  # "**" is datasets' own everything-pattern: same hidden-file rules
     except FileNotFoundError:
         return None
-    norm = os.path.normpath
+    norm, extensions = os.path.normpath, image_extensions()
     patterns, splits = _splits_from_listing(base, every) or ({}, {})
     layout = FolderSplits(
         base=base,
-        images=frozenset(norm(f) for f in every if os.path.splitext(f)[1].lower() in ImageFolder.EXTENSIONS),
+        images=frozenset(norm(f) for f in every if os.path.splitext(f)[1].lower() in extensions),
         metadata=frozenset(norm(f) for f in every if os.path.basename(f) in ImageFolder.METADATA_FILENAMES),
         splits=splits, patterns=patterns)
     if layout.splits and layout.consistent:

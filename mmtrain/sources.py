@@ -27,6 +27,7 @@ from mmtrain.imagefolder import (
     name_files,
     name_places,
 )
+from mmtrain.images import image_extensions
 
 # What a split layout datasets reads as intended looks like; named in every message about splits.
 SPLIT_LAYOUT = ("put the images in train/ and validation/ (or test/) folders, each with its own metadata.jsonl "
@@ -36,9 +37,7 @@ SPLIT_LAYOUT = ("put the images in train/ and validation/ (or test/) folders, ea
 def _require_image_files(folder: Path, cfg: DataConfig) -> None:
     """An imagefolder without images loads as metadata rows pointing at nothing (or fails with a
     message about 'data files'); say what the folder must hold instead."""
-    from PIL import Image
-
-    extensions = set(Image.registered_extensions())  # the list datasets' ImageFolder is built from
+    extensions = image_extensions()
     if any(p.suffix.lower() in extensions for p in folder.rglob("*") if p.is_file()):
         return
     found = sorted(p.name for p in folder.iterdir())

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import math
 import re
-import shutil
 import signal
 import sys
 import time
@@ -25,8 +24,8 @@ from accelerate import skip_first_batches
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from mmtrain.checkpoint import Checkpointer, TrainingObjects, export_model, model_card, restore_rng, write_atomic
-from mmtrain.config import Config, read_yaml
+from mmtrain.checkpoint import Checkpointer, TrainingObjects, export_model, model_card, restore_rng
+from mmtrain.config import Config
 from mmtrain.data import build_dataloader, fixed_batch, load_splits
 from mmtrain.distributed import build_accelerator, print_main
 from mmtrain.errors import CheckpointError, ConfigError, DataError, TrainingError, shell_word
@@ -44,25 +43,14 @@ from mmtrain.resilience import (
     print_event,
     requeue_slurm_job,
 )
+from mmtrain.run_dir import check_same_run, prepare_output_dir
 from mmtrain.telemetry import Window, combine, gather_rows, gradient_detail, hardware_record
 from mmtrain.tokenizer import build_tokenizer, load_tokenizer
-from mmtrain.tracking import build_tracker, keep_metrics_until
+from mmtrain.tracking import build_tracker
 
 # Logged once per epoch and charted against `epoch` (W&B define_metric).
 EPOCH_METRICS = ["val/*", "epoch_train_loss_avg", "epoch_val_loss_avg", "val_train_loss_ratio",
                  "image_caption_loss_ratio", "gradient_norm_trend", "latent_std_trend"]
-
-# Files a previous run leaves in output_dir; their presence means "this folder holds a run".
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "model", "wandb", "media")
-
-# Config fields a resumed run must share with its checkpoint, or it would not be the same run:
-# they fix the model, the data and its order. What one optimizer step is (the effective batch) is
-# checked apart: its split into per-device batch x accumulation may change (the OOM remedy).
-SAME_RUN_FIELDS = ("model.", "data.", "train.seed")
-BATCH_SPLIT = ("train.batch_size", "train.gradient_accumulation_steps")
-# Data fields that change nothing about the samples or their order.
-DATA_LOGISTICS = ("data.num_workers", "data.cache_dir")
-
 
 @dataclasses.dataclass
 class TrainState:
@@ -80,34 +68,6 @@ class TrainState:
     wandb_run_id: str | None = None
 
 
-def _flatten(config: dict[str, Any]) -> dict[str, Any]:
-    return {f"{section}.{k}": v for section, values in config.items() for k, v in (values or {}).items()}
-
-
-def config_differences(saved: dict[str, Any], current: Config, processes: int = 1) -> tuple[list[str], list[str]]:
-    """(fields that make it a different run, other changed fields), as ``name: saved -> now``.
-
-    A new split of the same effective batch (per-device batch x ``processes`` x accumulation) is
-    the same run; a different effective batch is not, and the line shows the arithmetic."""
-    old, new = _flatten(saved), _flatten(current.to_dict())
-    blocking, other = [], []
-    for key in sorted(set(old) | set(new)):
-        if key.startswith(("train.resume", "train.overwrite", "train.progress_bar", "train.output_dir")):
-            continue
-        if old.get(key) != new.get(key):
-            line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-            same_run = key.startswith(SAME_RUN_FIELDS) and key not in DATA_LOGISTICS
-            (blocking if same_run else other).append(line)
-    split_old, split_new = ([int(flat.get(k) or 1) for k in BATCH_SPLIT] for flat in (old, new))
-    if split_old[0] * split_old[1] != split_new[0] * split_new[1]:
-        def effective(bs: int, accum: int) -> str:
-            return f"{bs} x {processes} x {accum} = {bs * processes * accum}"
-
-        blocking.append(f"effective batch (train.batch_size x processes x train.gradient_accumulation_steps): "
-                        f"{effective(*split_old)} -> {effective(*split_new)}")
-    return blocking, other
-
-
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -120,7 +80,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.accelerator, self.output_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.resume_from = self.checkpointer.find_resume(cfg.train.resume)
         if self.resume_from is not None:
-            self._check_same_run(self.resume_from)
+            self.resume_batch_size = check_same_run(self.accelerator, self.resume_from, cfg)
         # Everything the user gave us is validated before output_dir is touched, so a bad input
         # never costs an earlier run its files.
         self._build_data()
@@ -130,7 +90,8 @@ class Trainer:
         self.last_train: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
         rank_state = self._restore(self.resume_from) if self.resume_from is not None else None
-        self._prepare_output_dir()
+        prepare_output_dir(self.accelerator, self.output_dir, cfg, self.resume_from, self.state.optimizer_step,
+                           self.checkpointer)
         self._build_telemetry()
         if rank_state is not None:
             # Last, so that nothing set-up does (W&B, media) moves the RNG streams the steps use.
@@ -166,47 +127,6 @@ class Trainer:
         self.last_save_time = time.monotonic()
 
     # ----------------------------------------------------------------------------------- building
-
-    def _check_same_run(self, path: Path) -> None:
-        saved = read_yaml(path / "config.yaml")
-        self.resume_batch_size = int(saved.get("train", {}).get("batch_size") or self.cfg.train.batch_size)
-        blocking, other = config_differences(saved, self.cfg, self.accelerator.num_processes)
-        if blocking:
-            raise CheckpointError(
-                f"train.resume: {path} belongs to a different run; these fields differ (checkpoint -> now): "
-                f"{'; '.join(blocking)}. Resume with the checkpoint's config "
-                f"(--config {shell_word(path / 'config.yaml')}), "
-                "or start a new run with another --train.output_dir (or --train.resume none --train.overwrite true)")
-        if other:
-            print_main(self.accelerator, f"mmtrain: resuming {path} with changed settings: {'; '.join(other)}")
-
-    def _prepare_output_dir(self) -> None:
-        acc, out, cfg = self.accelerator, self.output_dir, self.cfg
-        existing = [name for name in RUN_OUTPUTS if (out / name).exists()]
-        resuming_here = self.resume_from is not None and self.resume_from.parent == out / "checkpoints"
-        if resuming_here:
-            existing = []  # this run's own files: kept, and metrics.jsonl is cut back to the checkpoint
-            if acc.is_main_process:
-                dropped = keep_metrics_until(out / "metrics.jsonl", self.state.optimizer_step)
-                print_main(acc, f"mmtrain: {dropped} metrics.jsonl line(s) after the checkpoint will be trained again")
-        elif existing and (cfg.train.resume == "auto" or self.resume_from is not None) and \
-                not self.checkpointer.complete() and (out / "config.yaml").is_file() and \
-                not config_differences(read_yaml(out / "config.yaml"), cfg, acc.num_processes)[0]:
-            # No checkpoint here yet: the same run died before its first save. Start it over (from the
-            # checkpoint it was continuing, if any), keeping its W&B files (a record of the attempt).
-            existing = [name for name in existing if name != "wandb"]
-        elif existing and not cfg.train.overwrite:
-            raise ConfigError(f"train.output_dir={str(out)!r} already holds a run ({', '.join(existing)}); "
-                              "choose another --train.output_dir, continue it with --train.resume auto, or pass "
-                              "--train.overwrite true to replace it")
-        acc.wait_for_everyone()  # every rank has looked before the main rank changes anything
-        if acc.is_main_process:
-            for name in existing:
-                path = out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            out.mkdir(parents=True, exist_ok=True)
-            write_atomic(out / "config.yaml", cfg.to_yaml())
-        acc.wait_for_everyone()
 
     def _build_data(self) -> None:
         cfg, acc = self.cfg, self.accelerator

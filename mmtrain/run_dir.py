@@ -1,0 +1,106 @@
+"""A run's output folder: what counts as a run there, whether a checkpoint belongs to this run, and
+how the folder is prepared before training writes into it (the policy, in one place)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from mmtrain.checkpoint import Checkpointer, write_atomic
+from mmtrain.config import Config, read_yaml
+from mmtrain.distributed import print_main
+from mmtrain.errors import CheckpointError, ConfigError, shell_word
+from mmtrain.tracking import keep_metrics_until
+
+# Files a previous run leaves in output_dir; their presence means "this folder holds a run".
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "model", "wandb", "media")
+
+# Config fields a resumed run must share with its checkpoint, or it would not be the same run:
+# they fix the model, the data and its order. What one optimizer step is (the effective batch) is
+# checked apart: its split into per-device batch x accumulation may change (the OOM remedy).
+SAME_RUN_FIELDS = ("model.", "data.", "train.seed")
+BATCH_SPLIT = ("train.batch_size", "train.gradient_accumulation_steps")
+# Data fields that change nothing about the samples or their order.
+DATA_LOGISTICS = ("data.num_workers", "data.cache_dir")
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{k}": v for section, values in config.items() for k, v in (values or {}).items()}
+
+
+def config_differences(saved: dict[str, Any], current: Config, processes: int = 1) -> tuple[list[str], list[str]]:
+    """(fields that make it a different run, other changed fields), as ``name: saved -> now``.
+
+    A new split of the same effective batch (per-device batch x ``processes`` x accumulation) is
+    the same run; a different effective batch is not, and the line shows the arithmetic."""
+    old, new = _flatten(saved), _flatten(current.to_dict())
+    blocking, other = [], []
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(("train.resume", "train.overwrite", "train.progress_bar", "train.output_dir")):
+            continue
+        if old.get(key) != new.get(key):
+            line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            same_run = key.startswith(SAME_RUN_FIELDS) and key not in DATA_LOGISTICS
+            (blocking if same_run else other).append(line)
+    split_old, split_new = ([int(flat.get(k) or 1) for k in BATCH_SPLIT] for flat in (old, new))
+    if split_old[0] * split_old[1] != split_new[0] * split_new[1]:
+        def effective(bs: int, accum: int) -> str:
+            return f"{bs} x {processes} x {accum} = {bs * processes * accum}"
+
+        blocking.append(f"effective batch (train.batch_size x processes x train.gradient_accumulation_steps): "
+                        f"{effective(*split_old)} -> {effective(*split_new)}")
+    return blocking, other
+
+
+def check_same_run(acc: Accelerator, path: Path, cfg: Config) -> int:
+    """Refuse (CheckpointError) a checkpoint at ``path`` that belongs to a different run; list other
+    changed settings. Returns the checkpoint's per-device batch size, to convert its data position."""
+    saved = read_yaml(path / "config.yaml")
+    blocking, other = config_differences(saved, cfg, acc.num_processes)
+    if blocking:
+        raise CheckpointError(
+            f"train.resume: {path} belongs to a different run; these fields differ (checkpoint -> now): "
+            f"{'; '.join(blocking)}. Resume with the checkpoint's config "
+            f"(--config {shell_word(path / 'config.yaml')}), "
+            "or start a new run with another --train.output_dir (or --train.resume none --train.overwrite true)")
+    if other:
+        print_main(acc, f"mmtrain: resuming {path} with changed settings: {'; '.join(other)}")
+    return int(saved.get("train", {}).get("batch_size") or cfg.train.batch_size)
+
+
+def prepare_output_dir(acc: Accelerator, out: Path, cfg: Config, resume_from: Path | None, resumed_step: int,
+                       checkpointer: Checkpointer) -> None:
+    """Collective. Make ``out`` this run's folder, or raise ConfigError before changing anything.
+
+    Resuming from ``out``'s own checkpoint keeps its files and cuts metrics.jsonl back to
+    ``resumed_step``. A folder holding the same run with no checkpoint yet (it died before its first
+    save) starts over, keeping its W&B folders. Any other run there is refused unless
+    ``train.overwrite``. Then the main rank writes the resolved config.yaml."""
+    existing = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    resuming_here = resume_from is not None and resume_from.parent == out / "checkpoints"
+    if resuming_here:
+        existing = []  # this run's own files: kept, and metrics.jsonl is cut back to the checkpoint
+        if acc.is_main_process:
+            dropped = keep_metrics_until(out / "metrics.jsonl", resumed_step)
+            print_main(acc, f"mmtrain: {dropped} metrics.jsonl line(s) after the checkpoint will be trained again")
+    elif existing and (cfg.train.resume == "auto" or resume_from is not None) and \
+            not checkpointer.complete() and (out / "config.yaml").is_file() and \
+            not config_differences(read_yaml(out / "config.yaml"), cfg, acc.num_processes)[0]:
+        # No checkpoint here yet: the same run died before its first save. Start it over (from the
+        # checkpoint it was continuing, if any), keeping its W&B files (a record of the attempt).
+        existing = [name for name in existing if name != "wandb"]
+    elif existing and not cfg.train.overwrite:
+        raise ConfigError(f"train.output_dir={str(out)!r} already holds a run ({', '.join(existing)}); "
+                          "choose another --train.output_dir, continue it with --train.resume auto, or pass "
+                          "--train.overwrite true to replace it")
+    acc.wait_for_everyone()  # every rank has looked before the main rank changes anything
+    if acc.is_main_process:
+        for name in existing:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "config.yaml", cfg.to_yaml())
+    acc.wait_for_everyone()

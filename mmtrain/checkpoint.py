@@ -21,7 +21,6 @@ save leaves at worst a ``.tmp-*`` folder that nothing reads and the next save re
 """
 
 import json
-import os
 import pickle
 import random
 import shutil
@@ -39,45 +38,10 @@ from safetensors.torch import load_model, save_model
 
 from mmtrain.config import Config
 from mmtrain.errors import CheckpointError
+from mmtrain.fsio import TMP_PREFIX, replace_dir
 
 STATE_FILE = "train_state.json"
 FORMAT_VERSION = 1
-TMP_PREFIX = ".tmp-"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in [*sorted(root.rglob("*")), root]:
-        _fsync(path)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Atomically put ``tmp`` at ``final``; an existing ``final`` is removed only after the swap."""
-    _fsync_tree(tmp)
-    old = final.with_name(f".{final.name}.old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    _fsync(final.parent)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace a small text file so that a reader (or a crash) sees the old or the new one."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -226,7 +190,7 @@ class Checkpointer:
         """The validity marker last, then the atomic rename, then pruning."""
         meta = {"format": FORMAT_VERSION, "world_size": self.accelerator.num_processes, **train_state}
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2))
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
         for stale in self.complete()[:-self.keep_last]:
             shutil.rmtree(stale, ignore_errors=True)
         # Left by a save that was killed: a temporary folder, or the old copy of a replaced step.
@@ -341,5 +305,5 @@ def export_model(model: Any, tokenizer: Any, out_dir: Path, card: str | None = N
     tokenizer.save_pretrained(str(tmp))
     if card is not None:
         (tmp / "README.md").write_text(card)
-    _replace_dir(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return out_dir

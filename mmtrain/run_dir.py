@@ -3,17 +3,18 @@ how the folder is prepared before training writes into it (the policy, in one pl
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 
-from mmtrain.checkpoint import Checkpointer, write_atomic
+from mmtrain.checkpoint import Checkpointer
 from mmtrain.config import Config, read_yaml
 from mmtrain.distributed import print_main
 from mmtrain.errors import CheckpointError, ConfigError, shell_word
-from mmtrain.tracking import keep_metrics_until
+from mmtrain.fsio import write_atomic
 
 # Files a previous run leaves in output_dir; their presence means "this folder holds a run".
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "model", "wandb", "media")
@@ -69,6 +70,27 @@ def check_same_run(acc: Accelerator, path: Path, cfg: Config) -> int:
     if other:
         print_main(acc, f"mmtrain: resuming {path} with changed settings: {'; '.join(other)}")
     return int(saved.get("train", {}).get("batch_size") or cfg.train.batch_size)
+
+
+def keep_metrics_until(path: Path, last_step: int) -> int:
+    """Resuming from the checkpoint of ``last_step``: drop the lines the interrupted run wrote for
+    later steps (they are trained again), and a line torn by the kill. Returns the lines dropped.
+    Rewritten atomically, so a crash here loses nothing."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if step <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    write_atomic(path, "".join(f"{line}\n" for line in kept))
+    return dropped
 
 
 def prepare_output_dir(acc: Accelerator, out: Path, cfg: Config, resume_from: Path | None, resumed_step: int,

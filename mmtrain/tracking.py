@@ -23,7 +23,6 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image as PILImage
 
-from mmtrain.checkpoint import write_atomic
 from mmtrain.config import WandbConfig
 from mmtrain.errors import shell_word
 
@@ -359,27 +358,6 @@ class Tracker(NullTracker):
         if dropped is not None:
             with contextlib.suppress(_NoAnswer):
                 _call_bounded(lambda: _finish_quietly(dropped), self.finish_timeout_s, "wandb-finish")
-
-
-def keep_metrics_until(path: Path, last_step: int) -> int:
-    """Resuming from the checkpoint of ``last_step``: drop the lines the interrupted run wrote for
-    later steps (they are trained again), and a line torn by the kill. Returns the lines dropped.
-    Rewritten atomically, so a crash here loses nothing."""
-    if not path.is_file():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            step = json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            dropped += 1
-            continue
-        if step <= last_step:
-            kept.append(line)
-        else:
-            dropped += 1
-    write_atomic(path, "".join(f"{line}\n" for line in kept))
-    return dropped
 
 
 def build_tracker(is_main: bool, output_dir: Path, cfg: WandbConfig, run_config: dict[str, Any],

@@ -89,14 +89,14 @@ if kill:
 
         checkpoint.Checkpointer._write_shared = _write_shared
     elif moment == "save_commit":
-        replace_dir = checkpoint._replace_dir
+        replace_dir = checkpoint.replace_dir
 
         def _replace_dir(tmp, final):
             if step() in steps:
                 _die()
             replace_dir(tmp, final)
 
-        checkpoint._replace_dir = _replace_dir
+        checkpoint.replace_dir = _replace_dir
     else:
         raise SystemExit(f"unknown MMTRAIN_KILL moment {moment!r}")
 

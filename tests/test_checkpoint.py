@@ -12,7 +12,7 @@ from conftest import TINY, read_jsonl, reset_accelerate
 from wandb_files import offline_runs
 
 from mmtrain.cli import main
-from mmtrain.tracking import keep_metrics_until
+from mmtrain.run_dir import keep_metrics_until
 
 # Accumulation 2: 3 optimizer steps per epoch, 6 in all; a checkpoint after every optimizer step.
 BASE = ["train", "--config", str(TINY), "--train.gradient_accumulation_steps", "2", "--checkpoint.every_steps", "1",

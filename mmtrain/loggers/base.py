@@ -1,0 +1,195 @@
+"""The logging interface: the media types, the no-op sink ``BaseLogger`` and the ``Loggers`` container.
+
+The trainer holds one ``Loggers`` and never talks to a sink directly. The container owns the rules
+that hold for every sink: the step order, which sinks get media, and the safety net that switches
+a failing sink off with one warning so that the others (and training) go on. Each sink
+(``jsonl``, ``wandb``, ``tensorboard``, ``csv``) owns only its output.
+
+Light on purpose: numpy and the standard library only, so that importing the interface never
+pulls in wandb, tensorboard, torch or accelerate (their sinks import them when they open).
+"""
+
+import contextlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Image:
+    """An image to log: (H, W) or (H, W, 3) uint8."""
+
+    array: np.ndarray
+    caption: str | None = None
+
+
+@dataclass
+class Table:
+    """A table to log; cells may be :class:`Image`, str or numbers."""
+
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+def is_media(value: Any) -> bool:
+    return isinstance(value, (Image, Table))
+
+
+def _describe(error: BaseException) -> str:
+    """An exception on one line: wandb's messages span several, and a warning is one line to the user."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+class BaseLogger:
+    """A logging sink that does nothing; sinks override what they need.
+
+    ``takes_media``: the sink gets :class:`Image`/:class:`Table` values (the others never see them).
+    ``essential``: the run cannot go on without this sink (its errors propagate instead of
+    switching it off). Constructing a sink starts nothing; ``open`` does.
+    """
+
+    name: str = "base"
+    takes_media: bool = False
+    essential: bool = False
+
+    def open(self, run_config: dict[str, Any], resume_step: int | None) -> None:
+        """Start the sink. ``resume_step``: the optimizer step of the checkpoint this run continues
+        from (None for a fresh run); the sink drops anything it holds for later steps."""
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        """Record ``record`` at optimizer ``step`` (media values only when ``takes_media``)."""
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """The run's final (or failure) summary."""
+
+    def flush(self) -> None:
+        """Make what was logged durable (called before each checkpoint is committed)."""
+
+    def close(self) -> None:
+        """Finish the sink; called once, at the end of the run (or of a failed run)."""
+
+    def report_lines(self) -> list[str]:
+        """Lines for the end-of-run report saying where the output is; called after ``close``."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must carry for this sink to continue on resume (JSON-able)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what ``state_dict`` returned; called before ``open``."""
+
+
+class Loggers:
+    """The sinks of one run, in order; what the trainer holds. ``Loggers([])`` (non-main ranks) does nothing.
+
+    Step order: steps must not decrease, and a step whose records were flushed is closed (W&B
+    silently drops a record for an earlier step, and metrics.jsonl would get its lines out of
+    order); a continued run starts with its checkpoint's step closed. Several ``log`` calls at the
+    same step are allowed until the next ``flush``: they become one line (one W&B row).
+
+    A sink that raises is switched off for the rest of the run with one warning, unless it is
+    ``essential`` (metrics.jsonl: the checkpoint refers to its lines, so a full disk must stop the run).
+    """
+
+    def __init__(self, sinks: list[BaseLogger]) -> None:
+        self.sinks = list(sinks)
+        self._failed: dict[str, str] = {}  # sink name -> the call that failed (the sink is off)
+        self._last_step = -1
+        self._step_open = False  # the last step may still get records (not flushed yet)
+
+    def get(self, name: str) -> BaseLogger | None:
+        return next((sink for sink in self.sinks if sink.name == name), None)
+
+    def _active(self) -> list[BaseLogger]:
+        return [sink for sink in self.sinks if sink.name not in self._failed]
+
+    def _call(self, sink: BaseLogger, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as e:
+            if sink.essential:
+                raise
+            # One line, once: a sink that failed is not trusted with more calls, and one warning
+            # beats one per step. Its output so far stays where it is.
+            self._failed[sink.name] = what
+            warnings.warn(f"logger {sink.name}: {what} failed ({_describe(e)}); {sink.name} is off for the rest "
+                          "of this run. metrics.jsonl has every record.", stacklevel=3)
+            return None
+
+    def open(self, run_config: dict[str, Any], resume_step: int | None = None) -> None:
+        if resume_step is not None:  # the checkpoint's step was flushed before it was committed
+            self._last_step, self._step_open = resume_step, False
+        for sink in self._active():
+            self._call(sink, "open", lambda sink=sink: sink.open(run_config, resume_step))
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        """Send ``record`` at optimizer ``step`` to every sink; RuntimeError for a step out of order
+        (a bug in the caller's order: no sink has been given the record)."""
+        if not self.sinks:  # a non-main rank: nothing to order
+            return
+        last = self._last_step
+        if step < last or (step == last and not self._step_open):
+            raise RuntimeError(f"record for step {step} after step {last} was logged: the caller must read out "
+                               f"late events before logging a later step (keys: {', '.join(sorted(record))})")
+        self._last_step, self._step_open = step, True
+        plain = {k: v for k, v in record.items() if not is_media(v)}
+        for sink in self._active():
+            sent = record if sink.takes_media else plain
+            if sent:
+                self._call(sink, "log", lambda sink=sink, sent=sent: sink.log(sent, step))
+
+    def summary(self, values: dict[str, Any]) -> None:
+        for sink in self._active():
+            self._call(sink, "summary", lambda sink=sink: sink.summary(values))
+
+    def flush(self) -> None:
+        """Make every sink's records durable; the last step is closed from now on."""
+        self._step_open = False
+        for sink in self._active():
+            self._call(sink, "flush", sink.flush)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            if sink.name not in self._failed:
+                self._call(sink, "close", sink.close)
+            elif self._failed[sink.name] != "close":
+                # Release what a switched-off sink still holds (an open file, a writer thread); it
+                # failed once already and was warned about, so whatever this says is not news.
+                with contextlib.suppress(Exception):
+                    sink.close()
+
+    def report_lines(self) -> list[str]:
+        lines = []
+        for sink in self.sinks:
+            try:
+                own = sink.report_lines()
+            except Exception:  # the report must be printed; a sink that cannot describe itself says nothing
+                own = []
+            if sink.name in self._failed:
+                own = [f"{line}  (incomplete: {sink.name} failed in {self._failed[sink.name]})" for line in own]
+            lines += own
+        return lines
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{sink name: its state}`` for the sinks that have any; JSON-able, for the checkpoint."""
+        states = {}
+        for sink in self.sinks:
+            if sink.name in self._failed:
+                # Still asked: what a sink needs to continue (the W&B run id) outlives its failure here.
+                state = None
+                with contextlib.suppress(Exception):
+                    state = sink.state_dict()
+            else:
+                state = self._call(sink, "state_dict", sink.state_dict)
+            if state:
+                states[sink.name] = state
+        return states
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for sink in self._active():
+            if state.get(sink.name):
+                self._call(sink, "load_state_dict", lambda sink=sink: sink.load_state_dict(state[sink.name]))

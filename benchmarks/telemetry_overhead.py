@@ -96,7 +96,7 @@ def measure(preset: str, rounds: int, steps: int, log_frequency: int) -> dict:
                 w, c = timed_block(arms[name], r, steps)
                 wall[name].append(w)
                 cpu[name].append(c)
-        arms["on"].tracker.finish()
+        arms["on"].loggers.close()
     ratios = [a / b for a, b in zip(wall["on"], wall["off"], strict=True)]
     quartiles = statistics.quantiles(ratios, n=4)
     return {

@@ -1,4 +1,12 @@
-"""Checkpoints and the exported model, written so that a crash never leaves a half-written one.
+"""Checkpoints: the whole save policy, and saving and restoring every registered component.
+
+:class:`CheckpointManager` owns ``output_dir/checkpoints``: when a checkpoint is due
+(:meth:`~CheckpointManager.should_save`: every N optimizer steps, every M minutes, at an epoch
+end, on a stop signal; never twice for one step), writing it, keeping the last k, finding the one
+to resume, and restoring it. Components register their state once, by name, when the manager is
+built (torchtitan's ``states={...}``): anything with ``state_dict()`` / ``load_state_dict()``.
+Shared states (the same on every rank) go to ``train_state.json``; per-rank states (RNG, the
+telemetry windows) to each rank's own file. A new piece of state needs no edit here.
 
 A checkpoint is ``checkpoints/step_XXXXXXXX/``::
 
@@ -6,10 +14,10 @@ A checkpoint is ``checkpoints/step_XXXXXXXX/``::
     optimizer.pt        AdamW state (identical on every rank after DDP's all-reduce)
     scheduler.pt        the LR schedule's position
     scaler.pt           fp16 GradScaler state, when there is one
-    rank_NNNNN.pt       per rank: RNG states and the trainer's partial log/epoch windows
+    rank_NNNNN.pt       per rank: every per-rank state, by name (RNG, telemetry windows)
     tokenizer/          the tokenizer the run trains with
     config.yaml         the resolved config
-    train_state.json    step, epoch, position in the epoch, counters, W&B run id (written last)
+    train_state.json    format, world size, step, and every shared state by name (written last)
 
 Every ``.pt`` file holds only tensors and plain Python values and is read back with
 ``torch.load(weights_only=True)``: a checkpoint cannot run code when loaded.
@@ -20,14 +28,18 @@ only one with ``train_state.json`` counts (torchtitan's rule), so a SIGKILL at a
 save leaves at worst a ``.tmp-*`` folder that nothing reads and the next save removes.
 """
 
+import contextlib
 import json
+import math
 import pickle
 import random
 import shutil
+import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -36,12 +48,12 @@ from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from mmtrain.config import Config
+from mmtrain.config import CheckpointConfig, Config
 from mmtrain.errors import CheckpointError
 from mmtrain.fsio import TMP_PREFIX, replace_dir
 
 STATE_FILE = "train_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: component states by name (1: one flat train state)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -57,6 +69,7 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    """Set this process's RNG states from :func:`capture_rng`'s output."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -84,9 +97,64 @@ def safe_load(path: Path, map_location: Any = "cpu") -> Any:
                               "damaged: resume from another checkpoint") from None
 
 
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Leave every RNG stream as it was: set-up work (a W&B run, the media batch) inside it cannot
+    shift the streams the training steps draw from, fresh or resumed."""
+    state = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(state)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class RNGState:
+    """This rank's RNG streams as a registrable state (per rank: each rank draws its own dropout)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng(state)
+
+
+@dataclass
+class TrainState:
+    """The run's progress (``train_state`` in a checkpoint's train_state.json)."""
+
+    optimizer_step: int = 0
+    epoch: int = 0                 # epochs completed
+    batches_in_epoch: int = 0      # micro-batches of epoch `epoch` already trained on, per rank
+    samples_seen: int = 0
+    best_val_loss: float = math.inf
+    best_val_epoch: int = -1
+    nonfinite_steps: int = 0
+    train_time_seconds: float = 0.0  # in earlier sessions of this run (a resumed run has several)
+
+    def __post_init__(self) -> None:
+        self.session_start = time.perf_counter()  # not a field: restarted by each session
+
+    def train_time(self) -> float:
+        """Seconds spent training, over every session of this run."""
+        return self.train_time_seconds + time.perf_counter() - self.session_start
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "train_time_seconds": self.train_time()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in fields(self):
+            setattr(self, f.name, state.get(f.name, f.default))
+
+
 @dataclass
 class TrainingObjects:
-    """What a checkpoint saves and restores, besides the per-rank and JSON state."""
+    """The tensors a checkpoint saves as files of their own, besides the registered states."""
 
     model: torch.nn.Module  # unwrapped
     optimizer: Any
@@ -115,69 +183,111 @@ def read_train_state(path: Path) -> dict[str, Any]:
     return meta
 
 
-class Checkpointer:
-    """Owns the checkpoint folder: where, when complete, how many to keep, what to resume."""
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The valid checkpoints under ``root``, oldest first: a ``step_*`` folder counts only once its
+    ``train_state.json`` exists (it is written last)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
 
-    def __init__(self, accelerator: Accelerator, root: Path, keep_last: int = 3) -> None:
-        self.accelerator = accelerator
-        self.root = Path(root)
-        self.keep_last = keep_last
+
+def find_resume(accelerator: Accelerator, root: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from for ``train.resume`` (auto: the newest under ``root``).
+    Collective: the main rank decides (its view of the file system wins) and broadcasts the
+    decision, or the CheckpointError, to all."""
+    decision: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            if resume == "auto":
+                found = complete_checkpoints(root)
+                decision = [str(found[-1]) if found else None]
+            elif resume != "none":
+                path = Path(resume).expanduser()
+                read_train_state(path)
+                decision = [str(path)]
+        except CheckpointError as e:
+            decision = [e]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(decision)
+    if isinstance(decision[0], CheckpointError):
+        raise decision[0]
+    return Path(decision[0]) if decision[0] is not None else None
+
+
+class CheckpointManager:
+    """Owns the checkpoint folder and the save policy, and saves/restores every registered state.
+
+    ``states`` are shared by all ranks (the main rank writes them into ``train_state.json``);
+    ``rank_states`` differ per rank (each rank writes its own ``rank_NNNNN.pt``).
+    """
+
+    def __init__(self, accelerator: Accelerator, root: Path, cfg: CheckpointConfig, objects: TrainingObjects,
+                 states: Mapping[str, Stateful], rank_states: Mapping[str, Stateful]) -> None:
+        self.accelerator, self.root, self.cfg, self.objects = accelerator, Path(root), cfg, objects
+        self.states, self.rank_states = dict(states), dict(rank_states)
+        self.last_saved_step = -1
+        self.last_save_time = time.monotonic()
+
+    # ------------------------------------------------------------------------------- the policy
+
+    def timer_due(self) -> bool:
+        """This rank's clock says ``checkpoint.every_minutes`` have passed since the last save (the
+        ranks agree on it before acting: clocks and step times differ)."""
+        minutes = self.cfg.every_minutes
+        return bool(minutes) and time.monotonic() - self.last_save_time >= 60.0 * minutes
+
+    def should_save(self, step: int, epoch_end: bool = False, stop: bool = False, timer_due: bool = False) -> bool:
+        """Is a checkpoint due after optimizer ``step``? At an epoch end (after its validation), on
+        an agreed stop, every ``checkpoint.every_steps`` steps, or when the agreed timer is due;
+        never twice for the same step."""
+        if step == self.last_saved_step:
+            return False
+        every = self.cfg.every_steps
+        return epoch_end or stop or timer_due or bool(every and step % every == 0)
+
+    # -------------------------------------------------------------------------------- the folder
 
     def path_for(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
 
     def complete(self) -> list[Path]:
         """Valid checkpoints, oldest first."""
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.glob("step_*") if (p / STATE_FILE).is_file())
+        return complete_checkpoints(self.root)
 
-    def find_resume(self, resume: str) -> Path | None:
-        """The checkpoint to resume from for ``train.resume``. Collective: the main rank decides
-        (its view of the file system wins) and broadcasts the decision, or the error, to all."""
-        decision: list[Any] = [None]
-        if self.accelerator.is_main_process:
-            try:
-                if resume == "none":
-                    decision = [None]
-                elif resume == "auto":
-                    found = self.complete()
-                    decision = [str(found[-1]) if found else None]
-                else:
-                    path = Path(resume).expanduser()
-                    read_train_state(path)
-                    decision = [str(path)]
-            except CheckpointError as e:
-                decision = [e]
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(decision)
-        if isinstance(decision[0], CheckpointError):
-            raise decision[0]
-        return Path(decision[0]) if decision[0] is not None else None
+    def latest_text(self) -> str:
+        """The newest complete checkpoint, for messages: a path, or 'none yet'."""
+        found = self.complete()
+        return str(found[-1]) if found else "none yet"
 
-    def save(self, step: int, objects: TrainingObjects, train_state: dict[str, Any],
-             rank_state: dict[str, Any]) -> Path:
-        """Collective: every rank must call it (each writes its own RNG state and windows)."""
+    # ------------------------------------------------------------------------------ save / load
+
+    def save(self, step: int) -> Path:
+        """Collective: every rank must call it (each writes its own rank file). Writes the
+        checkpoint of ``step`` unless it exists already; returns its path."""
         acc = self.accelerator
         final = self.path_for(step)
+        if step == self.last_saved_step:
+            return final
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        self._write_rank(tmp, rank_state)
+        torch.save({name: s.state_dict() for name, s in self.rank_states.items()},
+                   tmp / f"rank_{acc.process_index:05d}.pt")
         if acc.is_main_process:
-            self._write_shared(tmp, objects)
+            self.write_shared(tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            self._commit(tmp, final, train_state)
+            self.commit(tmp, final, {"step": step, **{name: s.state_dict() for name, s in self.states.items()}})
         acc.wait_for_everyone()
+        self.last_saved_step, self.last_save_time = step, time.monotonic()
         return final
 
-    def _write_rank(self, tmp: Path, rank_state: dict[str, Any]) -> None:
-        torch.save({"rng": capture_rng(), **rank_state}, tmp / f"rank_{self.accelerator.process_index:05d}.pt")
-
-    def _write_shared(self, tmp: Path, o: TrainingObjects) -> None:
+    def write_shared(self, tmp: Path) -> None:
+        """The main rank's files: weights, optimizer, schedule, scaler, tokenizer, config."""
+        o = self.objects
         save_model(o.model, str(tmp / "model.safetensors"))  # de-duplicates the tied embedding
         torch.save(o.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(o.scheduler.state_dict(), tmp / "scheduler.pt")
@@ -186,30 +296,32 @@ class Checkpointer:
         o.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         o.config.dump(tmp / "config.yaml")
 
-    def _commit(self, tmp: Path, final: Path, train_state: dict[str, Any]) -> None:
-        """The validity marker last, then the atomic rename, then pruning."""
-        meta = {"format": FORMAT_VERSION, "world_size": self.accelerator.num_processes, **train_state}
-        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2))
+    def commit(self, tmp: Path, final: Path, shared: dict[str, Any]) -> None:
+        """The validity marker last, then the atomic rename, then pruning to the last k."""
+        meta = {"format": FORMAT_VERSION, "world_size": self.accelerator.num_processes, **shared}
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, default=_json_number))
         replace_dir(tmp, final)
-        for stale in self.complete()[:-self.keep_last]:
+        for stale in self.complete()[:-self.cfg.keep_last]:
             shutil.rmtree(stale, ignore_errors=True)
         # Left by a save that was killed: a temporary folder, or the old copy of a replaced step.
         for partial in [*self.root.glob(f"{TMP_PREFIX}*"), *self.root.glob(".step_*.old")]:
             shutil.rmtree(partial, ignore_errors=True)
 
-    def load(self, path: Path, objects: TrainingObjects, device: torch.device) -> tuple[dict, dict]:
-        """Restore model, optimizer, scheduler and scaler in place; return (train state, this rank's
-        state). Every rank reads the shared files itself: no broadcast of large tensors."""
+    def restore(self, path: Path) -> dict[str, Any]:
+        """Load the checkpoint at ``path`` into the training objects and every registered state, in
+        place; returns its ``train_state.json``. Every rank reads the shared files itself (no
+        broadcast of large tensors). RNG streams are restored too: set-up work done after this
+        belongs inside :func:`rng_preserved`."""
         meta = read_train_state(path)
-        device = torch.device("cpu") if device.type == "cpu" else device  # Accelerate says cpu:0; loaders refuse it
-        world = self.accelerator.num_processes
-        if meta["world_size"] != world:
+        acc, o = self.accelerator, self.objects
+        device = torch.device("cpu") if acc.device.type == "cpu" else acc.device  # loaders refuse "cpu:0"
+        if meta["world_size"] != acc.num_processes:
             raise CheckpointError(
-                f"{path} was written by {meta['world_size']} process(es) and this run has {world}: the data "
-                f"order, the per-rank RNG states and the schedule depend on it. Resume with "
+                f"{path} was written by {meta['world_size']} process(es) and this run has {acc.num_processes}: the "
+                f"data order, the per-rank RNG states and the schedule depend on it. Resume with "
                 f"{meta['world_size']} process(es), or start a new run (--train.resume none) from the exported weights")
         try:
-            missing, unexpected = load_model(objects.model, str(path / "model.safetensors"), strict=False,
+            missing, unexpected = load_model(o.model, str(path / "model.safetensors"), strict=False,
                                              device=str(device))
         except (OSError, RuntimeError, ValueError, SafetensorError) as e:
             raise CheckpointError(f"{path / 'model.safetensors'} cannot be loaded ({e}); resume from another "
@@ -217,93 +329,21 @@ class Checkpointer:
         if missing or unexpected:
             raise CheckpointError(f"{path / 'model.safetensors'} does not fit this model (missing "
                                   f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
-        objects.optimizer.load_state_dict(safe_load(path / "optimizer.pt", device))
-        objects.scheduler.load_state_dict(safe_load(path / "scheduler.pt"))
-        if objects.scaler is not None and (path / "scaler.pt").is_file():
-            objects.scaler.load_state_dict(safe_load(path / "scaler.pt"))
-        rank = safe_load(path / f"rank_{self.accelerator.process_index:05d}.pt")
-        return meta, rank
+        o.optimizer.load_state_dict(safe_load(path / "optimizer.pt", device))
+        o.scheduler.load_state_dict(safe_load(path / "scheduler.pt"))
+        if o.scaler is not None and (path / "scaler.pt").is_file():
+            o.scaler.load_state_dict(safe_load(path / "scaler.pt"))
+        rank = safe_load(path / f"rank_{acc.process_index:05d}.pt")
+        for name, state in self.states.items():
+            state.load_state_dict(meta.get(name, {}))
+        for name, state in self.rank_states.items():
+            state.load_state_dict(rank[name])
+        self.last_saved_step = meta["step"]
+        return meta
 
 
-def model_card(run_config: dict[str, Any], results: dict[str, Any]) -> str:
-    """The export's README.md: what was trained on what, how well, and how to load it."""
-    def table(rows: dict[str, Any]) -> str:
-        lines = ["| | |", "|---|---|"]
-        for key, value in rows.items():
-            shown = f"{value:.6g}" if isinstance(value, float) else value
-            lines.append(f"| `{key}` | {shown} |")
-        return "\n".join(lines)
-
-    data = {k: run_config[k] for k in ("train_samples", "val_samples", "vocab_size") if k in run_config}
-    data["data"] = ", ".join(f"{k}={v}" for k, v in run_config.get("data", {}).items()
-                             if k in ("source", "path", "image_column", "caption_column") and v is not None)
-    training = {k: run_config[k] for k in ("total_parameters", "world_size", "mixed_precision",
-                                           "effective_batch_size", "total_optimizer_steps", "epochs")
-                if k in run_config}
-    config_json = json.dumps({k: run_config[k] for k in ("model", "data", "optim", "train") if k in run_config},
-                             indent=2)
-    return f"""---
-library_name: mmtrain
-tags:
-- mmtrain
-- image-to-text
-- image-reconstruction
----
-
-# mmtrain engravings model
-
-An image encoder -> latent -> image decoder (reconstruction) and a transformer caption decoder,
-with the caption embedding aligned to the image latent (CLIP-style InfoNCE). Trained with mmtrain.
-
-## Load it
-
-```python
-from transformers import AutoTokenizer
-from mmtrain.model import MultimodalModel
-
-model = MultimodalModel.from_pretrained("path/to/this/folder").eval()
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
-```
-
-or from the command line:
-
-```bash
-mmtrain predict path/to/this/folder image.png --out predictions/
-mmtrain retrieve path/to/this/folder --images images/ --query "an engraving of two circles"
-```
-
-## Data
-
-{table(data)}
-
-## Training
-
-{table(training)}
-
-## Results
-
-{table(results)}
-
-## Training config
-
-```json
-{config_json}
-```
-"""
-
-
-def export_model(model: Any, tokenizer: Any, out_dir: Path, card: str | None = None) -> Path:
-    """Write the model as safetensors + config.json + model card and the tokenizer, atomically.
-
-    The result loads with ``MultimodalModel.from_pretrained(out_dir)`` and the tokenizer with
-    ``AutoTokenizer.from_pretrained(out_dir)``.
-    """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if card is not None:
-        (tmp / "README.md").write_text(card)
-    replace_dir(tmp, out_dir)
-    return out_dir
+def _json_number(value: Any) -> Any:
+    """JSON for what ``json`` cannot write itself: 0-d tensors and numpy scalars as numbers."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

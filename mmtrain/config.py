@@ -233,6 +233,22 @@ class CheckpointConfig:
         _require(self.keep_last >= 1, s, "keep_last", "must be >= 1", self.keep_last)
 
 
+LOGGERS = ("wandb", "tensorboard", "csv")
+
+
+@dataclass
+class LogConfig:
+    loggers: list[str] = field(default_factory=lambda: ["wandb"], metadata={"help": (
+        "Where records go besides metrics.jsonl (always written): any of wandb, tensorboard "
+        "(output_dir/tensorboard), csv (output_dir/metrics.csv); comma-separated on the command line.")})
+
+    def __post_init__(self) -> None:
+        for name in self.loggers:
+            _require(name in LOGGERS, "log", "loggers", f"each must be one of {', '.join(LOGGERS)} "
+                     "(metrics.jsonl is always written)", self.loggers)
+        _require(len(set(self.loggers)) == len(self.loggers), "log", "loggers", "lists a logger twice", self.loggers)
+
+
 @dataclass
 class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = _f(
@@ -264,6 +280,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -279,7 +296,7 @@ class Config:
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-    "checkpoint": CheckpointConfig, "wandb": WandbConfig}
+    "checkpoint": CheckpointConfig, "log": LogConfig, "wandb": WandbConfig}
 
 
 def iter_fields() -> typing.Iterator[tuple[str, dataclasses.Field, Any]]:

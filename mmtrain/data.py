@@ -11,22 +11,27 @@ check is a ``datasets.map`` and so is cached by fingerprint: a second run on the
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, default_collate
 from torchvision.transforms import v2
 
-from mmtrain.config import DataConfig, ModelConfig
-from mmtrain.errors import DataError
+from mmtrain.config import Config, DataConfig, ModelConfig
+from mmtrain.errors import CheckpointError, DataError
 from mmtrain.images import decode_image
 from mmtrain.resilience import ignore_stop_signals, reap_workers_at_exit
 from mmtrain.sources import load_raw
-from mmtrain.tokenizer import encode
+from mmtrain.tokenizer import build_tokenizer, encode, load_tokenizer
+
+if TYPE_CHECKING:  # inference imports this module and must not pull in accelerate
+    from accelerate import Accelerator
 
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
 
@@ -269,3 +274,58 @@ def fixed_batch(ds: Any, tokenizer: Any, model: ModelConfig, n: int) -> dict:
     """The first ``n`` samples of ``ds`` as one transformed batch (for media that must not change)."""
     view = undecoded(ds).with_transform(make_transform(tokenizer, model))
     return default_collate([view[i] for i in range(min(n, len(ds)))])
+
+
+@dataclass
+class TrainingData:
+    """What training reads: both splits, the tokenizer, and their (not yet prepared) loaders."""
+
+    train: Any
+    val: Any
+    tokenizer: Any
+    train_loader: DataLoader
+    val_loader: DataLoader
+    skipped: int  # samples left out under data.skip_bad_samples
+
+
+def build_data(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> TrainingData:
+    """Load and check the splits, build (or, resuming, load) the tokenizer and the loaders.
+
+    Raises DataError when the training split holds less than one global batch. The main rank
+    draws or caches the synthetic set (or downloads) first; the others then read its cache.
+    """
+    with accelerator.main_process_first():
+        splits = load_splits(cfg.data, cfg.model)
+    train, val = splits
+    global_batch = cfg.train.batch_size * accelerator.num_processes
+    if len(train) < global_batch:
+        raise DataError(f"the training split has {len(train)} samples, fewer than one global batch "
+                        f"(train.batch_size={cfg.train.batch_size} x {accelerator.num_processes} processes); "
+                        "lower train.batch_size or add data")
+    if resume_from is not None:  # the vocabulary the checkpoint's embedding rows belong to
+        tokenizer = load_tokenizer(resume_from / "tokenizer")
+    else:
+        tokenizer = build_tokenizer(train["caption"], cfg.model.max_caption_length, cfg.data.min_word_frequency)
+    pin = accelerator.device.type == "cuda"
+    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    loaders = [build_dataloader(ds, tokenizer, cfg.model, bs, cfg.data.num_workers, shuffle=shuffle,
+                                seed=cfg.train.seed, pin_memory=pin)
+               for ds, bs, shuffle in ((train, cfg.train.batch_size, True), (val, eval_bs, False))]
+    return TrainingData(train, val, tokenizer, *loaders, skipped=len(splits.skipped))
+
+
+def resumed_position(path: Path, batches: int, saved_batch_size: int, batch_size: int, train_samples: int,
+                     processes: int, epoch_batches: int) -> int:
+    """A checkpoint's position in its epoch (``batches`` micro-batches of ``saved_batch_size`` per
+    rank) in micro-batches of ``batch_size``. The seedable sampler orders samples independently of
+    the batch size, so ``batches * saved_batch_size`` samples per rank is the same point in the
+    epoch. Raises CheckpointError when that is not a whole number of new batches."""
+    if saved_batch_size == batch_size or batches == 0:
+        return batches
+    if batches >= math.ceil(train_samples / (saved_batch_size * processes)):
+        return epoch_batches  # saved after the epoch's last step, before its end-of-epoch work
+    if batches * saved_batch_size % batch_size:
+        raise CheckpointError(f"{path}: its data position ({batches} batches of {saved_batch_size} per device) is not "
+                              f"a whole number of batches of train.batch_size={batch_size}; resume with "
+                              f"--train.batch_size {saved_batch_size}, or from a checkpoint taken at an epoch end")
+    return batches * saved_batch_size // batch_size

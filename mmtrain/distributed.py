@@ -4,17 +4,17 @@ World size and DDP/FSDP choices come from the launcher (``accelerate launch`` YA
 SLURM); this module only makes sure the same code forms one process group wherever it starts.
 """
 
-import os
 import sys
 import warnings
+from collections.abc import Mapping, Sequence
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import DistributedDataParallelKwargs
+from torch import Tensor
+from tqdm.auto import tqdm
 
 from mmtrain.config import TrainConfig
-
-_LAUNCHED_VARS = ("WORLD_SIZE", "LOCAL_RANK", "RANK")
 
 
 def resolve_precision(requested: str, use_cpu: bool) -> str:
@@ -57,11 +57,56 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     )
 
 
-def launched_by_a_launcher() -> bool:
-    return any(v in os.environ for v in _LAUNCHED_VARS)
+def progress_bar(accelerator: Accelerator, total: int, initial: int, enabled: bool) -> tqdm:
+    """The optimizer-step bar, on the main process only; in a job log (no terminal) it redraws at
+    most every 10 s, so the log stays short."""
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                disable=not (accelerator.is_main_process and enabled),
+                mininterval=0.1 if sys.stderr.isatty() else 10.0)
 
 
 def print_main(accelerator: Accelerator, *lines: str) -> None:
     if accelerator.is_main_process:
         for line in lines:
             print(line, file=sys.stdout, flush=True)
+
+
+# A part of a gathered row: named scalars, or a vector with one name per element.
+Part = Mapping[str, Tensor | float] | tuple[Sequence[str], Tensor | Sequence[float]]
+
+
+def gather_named(accelerator: Accelerator | None, parts: Mapping[str, Part]) -> list[dict[str, dict[str, float]]]:
+    """Copy named values to the host in one transfer, all-gathered across ranks when given an
+    ``accelerator`` (a collective: call it on every rank). The one place where columns are packed
+    into a vector and unpacked again, by name.
+
+    ``parts`` maps a part name to its columns: ``{column: 0-d tensor or float}``, or
+    ``(column names, 1-d tensor)``. Returns one ``{part: {column: value}}`` per rank, in rank order
+    (a single one without ``accelerator``). Values are float64 on the way, so counts stay exact.
+    """
+    device = accelerator.device if accelerator is not None else None
+    layout, vectors = [], []
+    for part, columns in parts.items():
+        if isinstance(columns, tuple):
+            names, values = columns
+            vector = torch.as_tensor(values, dtype=torch.float64).flatten()
+        else:
+            names = list(columns)
+            vector = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device or "cpu").reshape(())
+                                  for v in columns.values()]) if names else torch.zeros(0, dtype=torch.float64)
+        if vector.numel() != len(names):
+            raise ValueError(f"part {part!r}: {vector.numel()} values for {len(names)} column names")
+        layout.append((part, list(names)))
+        vectors.append(vector.to(device) if device is not None else vector)
+    packed = torch.cat(vectors)[None]
+    if accelerator is not None:
+        packed = accelerator.gather(packed)
+    rows = packed.cpu().tolist()  # the single device->host transfer
+    out = []
+    for row in rows:
+        record, offset = {}, 0
+        for part, names in layout:
+            record[part] = dict(zip(names, row[offset:offset + len(names)], strict=True))
+            offset += len(names)
+        out.append(record)
+    return out

@@ -12,7 +12,7 @@ import warnings
 import psutil
 import torch
 
-# Order matters: it is the layout of the gathered tensor.
+# The readings, by name (gathered by name; see mmtrain.distributed.gather_named).
 HW_KEYS = (
     "gpu_memory_used",      # MB, NVML "used" on this rank's device (all processes on it)
     "gpu_memory_percent",   # 0-100, NVML used / total
@@ -71,7 +71,8 @@ class HardwareMonitor:
         psutil.cpu_percent(interval=None)
         self.nvml = _nvml_handle(device) if self.cuda else None
 
-    def read(self) -> list[float]:
+    def read(self) -> dict[str, float]:
+        """This rank's readings by :data:`HW_KEYS` name; NaN where the rank has no such reading."""
         nan = math.nan
         gpu_used = gpu_pct = gpu_util = alloc = reserved = peak = nan
         if self.nvml is not None:
@@ -86,6 +87,8 @@ class HardwareMonitor:
             peak = torch.cuda.max_memory_allocated(self.device) / _MB
             torch.cuda.reset_peak_memory_stats(self.device)
         rss = self.process.memory_info().rss / _MB
-        return [gpu_used, gpu_pct, gpu_util, alloc, reserved, peak,
-                self.process.cpu_percent(interval=None), psutil.cpu_percent(interval=None),
-                rss, max(rss, _peak_rss_mb()), psutil.virtual_memory().percent]
+        return {"gpu_memory_used": gpu_used, "gpu_memory_percent": gpu_pct, "gpu_utilization": gpu_util,
+                "torch_allocated_mb": alloc, "torch_reserved_mb": reserved, "torch_peak_mb": peak,
+                "cpu_percent": self.process.cpu_percent(interval=None),
+                "system_cpu_percent": psutil.cpu_percent(interval=None),
+                "rss_mb": rss, "peak_rss_mb": max(rss, _peak_rss_mb()), "ram_percent": psutil.virtual_memory().percent}

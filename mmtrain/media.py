@@ -7,6 +7,7 @@ changes between them are the model's, not the sample's. Only the main process bu
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,7 +15,9 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 from transformers import PreTrainedTokenizerBase
 
-from mmtrain.tracking import Image, NullTracker, Table
+from mmtrain.config import Config
+from mmtrain.data import fixed_batch
+from mmtrain.loggers.base import Image, Loggers, Table
 
 
 def reconstruction_grid(images: Tensor, reconstruction: Tensor) -> np.ndarray:
@@ -42,12 +45,12 @@ class NullMediaLogger:
 
 
 class MediaLogger(NullMediaLogger):
-    """Logs the reconstruction grid and the caption table of ``batch`` through ``tracker``."""
+    """Logs the reconstruction grid and the caption table of ``batch`` to ``loggers``."""
 
     def __init__(self, model: nn.Module, batch: dict[str, Tensor], tokenizer: PreTrainedTokenizerBase,
-                 tracker: NullTracker,
+                 loggers: Loggers,
                  autocast: Callable[[], AbstractContextManager]) -> None:
-        self.model, self.batch, self.tokenizer, self.tracker, self.autocast = model, batch, tokenizer, tracker, autocast
+        self.model, self.batch, self.tokenizer, self.loggers, self.autocast = model, batch, tokenizer, loggers, autocast
 
     @torch.no_grad()
     def _run(self, fn: Callable[[], object]) -> object:
@@ -62,7 +65,7 @@ class MediaLogger(NullMediaLogger):
     def reconstructions(self, step: int) -> None:
         images = self.batch["pixel_values"]
         recon = self._run(lambda: self.model.image_decoder(self.model.image_encoder(images)))
-        self.tracker.log({"media/reconstructions": Image(reconstruction_grid(images, recon),
+        self.loggers.log({"media/reconstructions": Image(reconstruction_grid(images, recon),
                                                          caption="rows: original, reconstruction, |difference|")},
                          step=step)
 
@@ -73,4 +76,15 @@ class MediaLogger(NullMediaLogger):
         generated = tok.batch_decode(ids, skip_special_tokens=True)
         truth = tok.batch_decode(self.batch["input_ids"], skip_special_tokens=True)
         rows = [[Image(to_uint8(img)), gt, gen] for img, gt, gen in zip(images, truth, generated, strict=True)]
-        self.tracker.log({"media/captions": Table(["image", "ground_truth", "generated"], rows)}, step=step)
+        self.loggers.log({"media/captions": Table(["image", "ground_truth", "generated"], rows)}, step=step)
+
+
+def build_media(is_main: bool, device: torch.device, cfg: Config, model: nn.Module, val_dataset: Any,
+                tokenizer: PreTrainedTokenizerBase, loggers: Loggers,
+                autocast: Callable[[], AbstractContextManager]) -> NullMediaLogger:
+    """The main process's media logger over the first ``wandb.media_samples`` validation images;
+    a no-op one elsewhere, or when no samples are asked for."""
+    if not is_main or cfg.wandb.media_samples <= 0:
+        return NullMediaLogger()
+    batch = fixed_batch(val_dataset, tokenizer, cfg.model, cfg.wandb.media_samples)
+    return MediaLogger(model, {k: v.to(device) for k, v in batch.items()}, tokenizer, loggers, autocast)

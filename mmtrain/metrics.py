@@ -90,8 +90,8 @@ def summarize(sums: dict[str, float], maxes: dict[str, float]) -> dict[str, floa
 GRAD_FIELDS = ("grad_abs_sum", "grad_sum", "grad_sq_sum", "grad_abs_max", "grad_elems")
 
 
-def grad_stats(grads_by_module: dict[str, list[Tensor]]) -> tuple[Tensor, Tensor]:
-    """``(row over GRAD_FIELDS, squared L2 norm per module)`` of the given gradients, float64.
+def grad_stats(grads_by_module: dict[str, list[Tensor]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``({GRAD_FIELDS name: 0-d tensor}, {module: squared L2 norm})`` of the given gradients, float64.
 
     Per-tensor L1/L2 norms come from ``torch._foreach_norm`` (the kernel behind ``clip_grad_norm_``):
     one fused call per statistic and module instead of Python-level reductions per parameter.
@@ -99,10 +99,10 @@ def grad_stats(grads_by_module: dict[str, list[Tensor]]) -> tuple[Tensor, Tensor
     flat = [g for gs in grads_by_module.values() for g in gs]
     # Every tensor is created on the gradients' device: a host->device copy would be a sync.
     f64 = {"dtype": torch.float64, "device": flat[0].device if flat else torch.device("cpu")}
-    rows = []
-    for grads in grads_by_module.values():
+    per_module: dict[str, dict[str, Tensor]] = {}
+    for name, grads in grads_by_module.items():
         if not grads:
-            rows.append(torch.zeros(len(GRAD_FIELDS), **f64))
+            per_module[name] = {k: torch.zeros((), **f64) for k in GRAD_FIELDS}
             continue
         grads = [g.detach() for g in grads]
         l1, l2 = (torch.stack(torch._foreach_norm(grads, order)).double() for order in (1, 2))
@@ -110,14 +110,14 @@ def grad_stats(grads_by_module: dict[str, list[Tensor]]) -> tuple[Tensor, Tensor
         # 3x more on CPU); the cross-tensor totals are float64.
         signed = torch.stack([g.sum() for g in grads]).double()
         lo, hi = (torch.stack(x).double() for x in zip(*(torch.aminmax(g) for g in grads), strict=True))
-        linf = torch.maximum(lo.abs(), hi.abs())
-        elems = torch.full((), float(sum(g.numel() for g in grads)), **f64)
-        rows.append(torch.stack([l1.sum(), signed.sum(), l2.pow(2).sum(), linf.amax(), elems]))
-    if not rows:
-        return torch.zeros(len(GRAD_FIELDS), **f64), torch.zeros(0, **f64)
-    per_module = torch.stack(rows)
-    total = torch.cat([per_module[:, :3].sum(dim=0), per_module[:, 3:4].amax(dim=0), per_module[:, 4:].sum(dim=0)])
-    return total, per_module[:, 2]
+        per_module[name] = {"grad_abs_sum": l1.sum(), "grad_sum": signed.sum(), "grad_sq_sum": l2.pow(2).sum(),
+                            "grad_abs_max": torch.maximum(lo.abs(), hi.abs()).amax(),
+                            "grad_elems": torch.full((), float(sum(g.numel() for g in grads)), **f64)}
+    total = {}
+    for k in GRAD_FIELDS:  # across modules: the max of maxima, the sum of everything else
+        column = torch.stack([m[k] for m in per_module.values()]) if per_module else torch.zeros(1, **f64)
+        total[k] = column.amax() if k == "grad_abs_max" else column.sum()
+    return total, {name: m["grad_sq_sum"] for name, m in per_module.items()}
 
 
 def summarize_grads(row: dict[str, float], scale: float = 1.0) -> dict[str, float]:

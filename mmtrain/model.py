@@ -15,10 +15,10 @@ Architecture (CoCa-style split of the caption transformer):
   learned temperature between latent and projected text embedding is ``loss_alignment``.
 """
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,27 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from mmtrain.config import ModelConfig
+from mmtrain.errors import ConfigError
 
-LOSS_NAMES = ("total_loss", "loss_image", "loss_caption", "loss_alignment")
+# The loss components: logged name -> (per-sample term, its denominator term or None for "per
+# sample", the ModelConfig field weighting it in total_loss). :func:`reduce_terms` is the only code
+# that reads it; a new component is a new per-sample term in :func:`per_sample_terms`, a weight
+# field and a line here.
+LOSS_COMPONENTS: dict[str, tuple[str, str | None, str]] = {
+    "loss_image": ("image_se", None, "image_loss_weight"),
+    "loss_caption": ("caption_ce_sum", "caption_tokens", "caption_loss_weight"),
+    "loss_alignment": ("alignment", None, "alignment_loss_weight"),
+}
+
+
+def loss_names() -> tuple[str, ...]:
+    """``total_loss`` and every component, in logging order."""
+    return ("total_loss", *LOSS_COMPONENTS)
+
+
+def loss_terms() -> tuple[str, ...]:
+    """The per-sample terms the components are built from (numerators and denominators)."""
+    return tuple(dict.fromkeys(t for num, den, _ in LOSS_COMPONENTS.values() for t in (num, den) if t))
 
 
 def _groups(channels: int) -> int:
@@ -179,11 +198,24 @@ def alignment_terms(similarity: Tensor) -> Tensor:
             + F.cross_entropy(similarity.t(), labels, reduction="none")) / 2
 
 
-def weighted_total(config: ModelConfig, losses: Mapping[str, Any]) -> Any:
-    """``total_loss``: the one weighting of the loss components, for training batches (tensors)
-    and validation means (floats) alike."""
-    return (config.image_loss_weight * losses["loss_image"] + config.caption_loss_weight * losses["loss_caption"]
-            + config.alignment_loss_weight * losses["loss_alignment"])
+def reduce_terms(config: ModelConfig, sums: Mapping[str, Tensor], samples: Tensor | float) -> dict[str, Tensor]:
+    """The one reduction of per-sample terms to the loss components and their weighting to
+    ``total_loss``: for a training batch (sums over its samples) and for the whole validation
+    split (sums over every rank's samples) alike.
+
+    ``sums`` holds, for each term :data:`LOSS_COMPONENTS` names, its sum over the samples;
+    ``samples`` is how many there were. A component with a denominator term is a ratio of sums
+    (``loss_caption``: a mean over predicted tokens); one without is a mean over samples.
+    Returns ``{"total_loss", *components}`` as 0-d tensors in the dtype of ``sums``.
+    """
+    losses = {}
+    for name, (numerator, denominator, _) in LOSS_COMPONENTS.items():
+        losses[name] = sums[numerator] / (sums[denominator].clamp_min(1.0) if denominator else samples)
+    total = None
+    for name, (_, _, weight) in LOSS_COMPONENTS.items():
+        term = getattr(config, weight) * losses[name]
+        total = term if total is None else total + term
+    return {"total_loss": total, **losses}
 
 
 def eval_alignment(latent: Tensor, text_embedding: Tensor, scale: Tensor, group_size: int) -> Tensor:
@@ -225,11 +257,8 @@ class MultimodalModel(nn.Module, PyTorchModelHubMixin, library_name="mmtrain", t
         return losses, outputs
 
     def reduce_losses(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Batch losses from per-sample terms; ``loss_caption`` is a mean over the batch's tokens."""
-        losses = {"loss_image": terms["image_se"].mean(),
-                  "loss_caption": terms["caption_ce_sum"].sum() / terms["caption_tokens"].sum().clamp_min(1.0),
-                  "loss_alignment": terms["alignment"].mean()}
-        return {"total_loss": weighted_total(self.config, losses), **losses}
+        """Batch losses from per-sample terms (:func:`reduce_terms` over this batch)."""
+        return reduce_terms(self.config, {k: terms[k].sum() for k in loss_terms()}, terms["image_se"].shape[0])
 
     @torch.no_grad()
     def generate(self, images: Tensor, bos_token_id: int, eos_token_id: int, max_length: int | None = None) -> Tensor:
@@ -256,3 +285,11 @@ class MultimodalModel(nn.Module, PyTorchModelHubMixin, library_name="mmtrain", t
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def build_model(config: ModelConfig, vocab_size: int) -> MultimodalModel:
+    """The model for a tokenizer of ``vocab_size`` tokens; ConfigError if ``model.vocab_size`` disagrees."""
+    if config.vocab_size not in (0, vocab_size):
+        raise ConfigError(f"model.vocab_size={config.vocab_size} but the tokenizer built from the training captions "
+                          f"has {vocab_size} tokens; leave model.vocab_size at 0")
+    return MultimodalModel(dataclasses.replace(config, vocab_size=vocab_size))

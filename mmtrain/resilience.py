@@ -20,12 +20,17 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from mmtrain.errors import TrainingError, shell_word
+from mmtrain.loggers.base import Loggers
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -107,6 +112,20 @@ def requeue_slurm_job() -> str:
     return f"SLURM job {job} requeued"
 
 
+def stop_lines(step: int, checkpoint: Path, requeue: bool, resume: str) -> list[str]:
+    """What to print after the ranks agreed to stop on a signal; with ``requeue`` (SIGUSR1 under
+    train.requeue, main rank only) the SLURM job is requeued first, when it would resume."""
+    lines = [f"mmtrain: stopped by a signal at optimizer step {step}; checkpoint {checkpoint}"]
+    if requeue:
+        if resume == "auto":
+            lines.append(f"mmtrain: {requeue_slurm_job()}")
+        else:
+            lines.append("mmtrain: not requeued: the requeued job would not resume; add --train.resume auto")
+    lines.append(f"mmtrain: continue with the same command and --train.resume auto "
+                 f"(or --train.resume {shell_word(checkpoint)})")
+    return lines
+
+
 @dataclass
 class NonFiniteReport:
     total: int
@@ -125,8 +144,8 @@ class NonFiniteGuard:
     are left exactly as they were. Counters stay on device until :meth:`report`.
     """
 
-    def __init__(self, device: torch.device, num_processes: int) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, num_processes: int, limit: int = 5) -> None:
+        self.device, self.limit = device, limit  # limit: train.max_nonfinite_steps
         self.distributed = num_processes > 1
         self.total = torch.zeros((), dtype=torch.int64, device=device)
         self.consecutive = torch.zeros((), dtype=torch.int64, device=device)
@@ -167,6 +186,22 @@ class NonFiniteGuard:
         self.max_consecutive = self.consecutive.clone()
         return NonFiniteReport(total, consecutive, max_consecutive, bad_steps, totals_at)
 
+    def log_events_or_raise(self, step: int, loggers: Loggers, is_main: bool,
+                            latest_checkpoint: Callable[[], str]) -> int:
+        """:meth:`report` (a host sync), then one ``nonfinite_step`` event per skipped step at its own
+        step and a warning line. Once ``limit`` steps were bad in a row the loggers are closed and
+        TrainingError is raised. Returns the total of skipped steps so far."""
+        report = self.report(step)
+        for bad, total in zip(report.bad_steps, report.totals_at, strict=True):
+            loggers.log({"nonfinite_step": 1, "nonfinite_steps": total}, step=bad)
+            if is_main:
+                print_event(nonfinite_warning(bad, report.total, self.limit))
+        if report.max_consecutive >= self.limit:
+            loggers.summary({"status": "failed: non-finite steps", "nonfinite_steps": report.total})
+            loggers.close()
+            raise nonfinite_stop_error(report.max_consecutive, self.limit, latest_checkpoint())
+        return report.total
+
     def state_dict(self) -> dict[str, int]:
         total, consecutive = torch.stack([self.total, self.consecutive]).tolist()
         return {"nonfinite_steps": total, "consecutive_nonfinite_steps": consecutive}
@@ -202,3 +237,60 @@ def memory_figures(device: torch.device) -> dict[str, float]:
 
 def print_event(line: str) -> None:
     print(f"mmtrain: {line}", file=sys.stderr, flush=True)
+
+
+def nonfinite_warning(step: int, total: int, limit: int) -> str:
+    return (f"warning: optimizer step {step}: non-finite loss or gradient; the update was skipped (weights and "
+            f"optimizer state unchanged). {total} such step(s) so far; the run stops after {limit} in a row "
+            "(train.max_nonfinite_steps).")
+
+
+def nonfinite_stop_error(in_a_row: int, limit: int, latest_checkpoint: str) -> TrainingError:
+    return TrainingError(
+        f"{in_a_row} optimizer steps in a row had a non-finite loss or gradient (train.max_nonfinite_steps={limit}); "
+        f"all of them were skipped, so no update was applied. The last checkpoint, {latest_checkpoint}, is intact. "
+        "Lower optim.lr, set optim.max_grad_norm, use train.mixed_precision no or bf16, or check the data, then "
+        "continue with --train.resume auto")
+
+
+@dataclass
+class OutOfMemory:
+    """Where memory ran out, and what to log and tell the user about it."""
+
+    device: torch.device
+    rank: int | None          # None on a single process
+    step: int                 # the last optimizer step completed
+    in_validation: bool
+    batch_size: int
+    accumulation: int
+    eval_batch_size: int
+
+    def record(self, figures: dict[str, float]) -> dict[str, float]:
+        """The logged event (at the step that did not complete; in validation: the next one)."""
+        return {"out_of_memory": 1, "oom/batch_size": self.eval_batch_size if self.in_validation else self.batch_size,
+                "oom/in_validation": int(self.in_validation), **{f"oom/{k}": v for k, v in figures.items()}}
+
+    def error(self, error: BaseException, figures: dict[str, float], resume: str, latest: str) -> TrainingError:
+        """The message ends with the flags that fix it, to add to the same command."""
+        bs, accum, eval_bs = self.batch_size, self.accumulation, self.eval_batch_size
+        # The smallest factor of the batch size splits it into equal micro-batches: the same
+        # effective batch, which resume accepts as the same run.
+        factor = next((f for f in range(2, bs + 1) if bs % f == 0), None)
+        if self.in_validation:
+            where = f"in the validation after optimizer step {self.step} with train.eval_batch_size={eval_bs}"
+            smaller = f"--train.eval_batch_size {eval_bs // 2} " if eval_bs > 1 else "--train.mixed_precision bf16 "
+            fix = ("Validate in smaller batches (the values do not depend on it): continue with the same command "
+                   f"plus {smaller}")
+        elif factor is None:
+            where = f"in optimizer step {self.step + 1} with train.batch_size=1"
+            fix = ("train.batch_size is already 1: use a smaller model or fewer processes per device, or continue "
+                   "with the same command plus --train.mixed_precision bf16 (or fp16 on a GPU) ")
+        else:
+            where = f"in optimizer step {self.step + 1} with train.batch_size={bs}"
+            fix = (f"Keep the effective batch with smaller micro-batches: continue with the same command plus "
+                   f"--train.batch_size {bs // factor} --train.gradient_accumulation_steps {accum * factor} ")
+        shown = ", ".join(f"{k} {v:.0f}" for k, v in figures.items())
+        rank = f"rank {self.rank}, " if self.rank is not None else ""
+        return TrainingError(
+            f"out of memory ({rank}{self.device}) {where} per device [{shown} MB]. {fix}--train.resume {resume}. "
+            f"The last checkpoint, {latest}, is intact. ({type(error).__name__})")

@@ -1,5 +1,6 @@
-"""A run's output folder: what counts as a run there, whether a checkpoint belongs to this run, and
-how the folder is prepared before training writes into it (the policy, in one place)."""
+"""A run's output folder: what counts as a run there, whether a checkpoint belongs to this run, how
+the folder is prepared before training writes into it (metrics.jsonl cut back on resume), and
+what the run says about itself: the run config every logger records and the final report."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from mmtrain.checkpoint import Checkpointer
+from mmtrain.checkpoint import CheckpointManager, TrainState
 from mmtrain.config import Config, read_yaml
 from mmtrain.distributed import print_main
 from mmtrain.errors import CheckpointError, ConfigError, shell_word
 from mmtrain.fsio import write_atomic
+from mmtrain.model import loss_names
 
 # Files a previous run leaves in output_dir; their presence means "this folder holds a run".
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "model", "wandb", "media")
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "model", "wandb", "media", "tensorboard",
+               "metrics.csv")
 
 # Config fields a resumed run must share with its checkpoint, or it would not be the same run:
 # they fix the model, the data and its order. What one optimizer step is (the effective batch) is
@@ -94,7 +97,7 @@ def keep_metrics_until(path: Path, last_step: int) -> int:
 
 
 def prepare_output_dir(acc: Accelerator, out: Path, cfg: Config, resume_from: Path | None, resumed_step: int,
-                       checkpointer: Checkpointer) -> None:
+                       checkpointer: CheckpointManager) -> None:
     """Collective. Make ``out`` this run's folder, or raise ConfigError before changing anything.
 
     Resuming from ``out``'s own checkpoint keeps its files and cuts metrics.jsonl back to
@@ -126,3 +129,58 @@ def prepare_output_dir(acc: Accelerator, out: Path, cfg: Config, resume_from: Pa
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "config.yaml", cfg.to_yaml())
     acc.wait_for_everyone()
+
+
+def run_config(cfg: Config, derived: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config, the ``derived`` values (world size, sample counts, steps...), and the
+    guide's flat names for easy charting: what every logger records as the run's config."""
+    return {
+        **cfg.to_dict(),
+        **derived,
+        "batch_size": cfg.train.batch_size,
+        "learning_rate": cfg.optim.lr,
+        "weight_decay": cfg.optim.weight_decay,
+        "epochs": cfg.train.epochs,
+        "latent_dim": cfg.model.latent_dim,
+        "embedding_dim": cfg.model.embedding_dim,
+        "image_encoder_layers": cfg.model.image_encoder_layers,
+        "transformer_layers": cfg.model.transformer_layers,
+        "image_loss_weight": cfg.model.image_loss_weight,
+        "caption_loss_weight": cfg.model.caption_loss_weight,
+        "alignment_loss_weight": cfg.model.alignment_loss_weight,
+        "optimizer": "AdamW",
+        "scheduler": "CosineAnnealing with linear warmup",
+    }
+
+
+def final_report(out: Path, summary: dict[str, Any], last_train: dict[str, float], last_val: dict[str, float],
+                 checkpoint: Path, model_dir: Path, logger_lines: list[str]) -> list[str]:
+    """The lines printed when training finishes: totals, final losses, and where everything is."""
+    lines = ["", "== mmtrain: training finished ==",
+             f"steps {summary['optimizer_steps']}  samples {summary['samples_seen']}  "
+             f"time {summary['train_time_seconds']:.1f}s  ({summary['samples_per_second']:.1f} samples/s)"]
+    if last_train:
+        lines.append("final train window: " + "  ".join(f"{k} {last_train[k]:.4f}" for k in loss_names()))
+    if last_val:
+        lines.append("final validation:   " + "  ".join(f"{k} {last_val['val/' + k]:.4f}" for k in loss_names()))
+    lines.append(f"best validation total_loss {summary['best_validation_loss']:.4f} "
+                 f"(epoch {summary['best_validation_epoch']})")
+    return [*lines, f"metrics:    {out / 'metrics.jsonl'}", f"checkpoint: {checkpoint}",
+            f"model:      {model_dir}  (MultimodalModel.from_pretrained)", *logger_lines]
+
+
+def run_summary(state: TrainState, train_time: float, total_parameters: int, last_train: dict[str, float],
+                last_val: dict[str, float]) -> dict[str, Any]:
+    """The run's summary (summary.json, the W&B summary, the model card's results)."""
+    return {
+        "final_validation_loss": last_val.get("val/total_loss"),
+        "best_validation_loss": state.best_val_loss,
+        "best_validation_epoch": state.best_val_epoch,
+        "final_train_loss": last_train.get("total_loss"),
+        "total_parameters": total_parameters,
+        "optimizer_steps": state.optimizer_step,
+        "samples_seen": state.samples_seen,
+        "nonfinite_steps": state.nonfinite_steps,
+        "train_time_seconds": train_time,
+        "samples_per_second": state.samples_seen / train_time if train_time > 0 else 0.0,
+    }

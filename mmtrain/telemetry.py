@@ -1,26 +1,43 @@
-"""Training-window accumulation on device, and one gather + one host copy per log step.
+"""Training telemetry: what the loop measures, and when and how it becomes a logged record.
 
-Between log steps nothing here touches the host: losses, metric sums and gradient norms are
-added into device tensors, counts are Python ints. At a log step every rank packs its window
-into one float64 vector, :func:`gather_rows` all-gathers the vectors (the single collective,
-called on every rank) and copies the (world, K) result to the host once. The main process then
-combines the rows into the logged record with plain Python (:func:`window_record`).
+Owns the log window and the epoch window (per-rank sums since the last log step / epoch start),
+``should_log``, the gradient detail of a log step, the per-rank hardware readings, and building
+the training and epoch records. Between log steps nothing here touches the host: losses, metric
+sums and gradient norms are added into device tensors, counts are Python ints. At a log step
+every rank hands its columns, by name, to :func:`mmtrain.distributed.gather_named` (one
+all-gather and one host copy, on every rank) and the records are built from the named rows with
+plain Python (:func:`combine`, :func:`gradient_detail`, :func:`hardware_record`).
 """
 
 import math
 import time
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from torch import Tensor
+from torch import Tensor, nn
 
-from mmtrain.hardware import HW_KEYS
-from mmtrain.metrics import GRAD_FIELDS, MAX_FIELDS, SUM_FIELDS, summarize, summarize_grads
-from mmtrain.model import LOSS_NAMES
+from mmtrain.config import Config
+from mmtrain.distributed import Part, gather_named
+from mmtrain.hardware import HW_KEYS, HardwareMonitor
+from mmtrain.metrics import MAX_FIELDS, SUM_FIELDS, grad_stats, sample_stats, summarize, summarize_grads
+from mmtrain.model import loss_names
+
+# A window's gradient columns: sums over its optimizer steps of the pre-clip norm, the post-clip
+# norm and the clipped-step indicator; the largest pre-clip norm; the last step's clip coefficient.
+GRAD_WINDOW = ("grad_norm_sum", "grad_norm_clipped_sum", "clipped_steps", "grad_norm_max", "clip_coef")
+# Per-rank readings: the hardware, then this rank's own timing of the window.
+RANK_KEYS = (*HW_KEYS, "step_time", "data_wait_fraction")
+# Logged once per epoch and charted against `epoch` (W&B define_metric).
+EPOCH_METRICS = ("val/*", "epoch_train_loss_avg", "epoch_val_loss_avg", "val_train_loss_ratio",
+                 "image_caption_loss_ratio", "gradient_norm_trend", "latent_std_trend")
 
 
 class Window:
     """Sums over the micro-batches and optimizer steps since ``reset`` on one rank."""
+
+    _COUNTS = ("micro_batches", "optimizer_steps", "samples", "skipped_steps", "data_wait")
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -28,37 +45,32 @@ class Window:
 
     def reset(self) -> None:
         f64 = {"dtype": torch.float64, "device": self.device}
-        self.loss_sum = torch.zeros(len(LOSS_NAMES), **f64)
+        self.loss_sum = torch.zeros(len(loss_names()), **f64)
         self.sample_sums = torch.zeros(len(SUM_FIELDS), **f64)
         self.sample_maxes = torch.full((len(MAX_FIELDS),), -math.inf, **f64)
-        self.grad_sums = torch.zeros(3, **f64)  # pre-clip norms, post-clip norms, clipped steps
-        self.grad_norm_max = torch.zeros((), **f64)
-        self.last_clip_coef = torch.ones((), **f64)
-        self.micro_batches = 0
-        self.optimizer_steps = 0
-        self.samples = 0
-        self.skipped_steps = 0
+        self.grad = {k: torch.zeros((), **f64) for k in GRAD_WINDOW}
+        self.grad["clip_coef"] = torch.ones((), **f64)
+        self.micro_batches = self.optimizer_steps = self.samples = self.skipped_steps = 0
         self.data_wait = 0.0
         self.started = time.perf_counter()
 
-    _TENSORS = ("loss_sum", "sample_sums", "sample_maxes", "grad_sums", "grad_norm_max", "last_clip_coef")
-    _COUNTS = ("micro_batches", "optimizer_steps", "samples", "skipped_steps", "data_wait")
-
-    def state_dict(self) -> dict[str, object]:
+    def state_dict(self) -> dict[str, Any]:
         """For checkpoints: a resumed run continues the window instead of logging a partial one."""
-        return {**{k: getattr(self, k).cpu() for k in self._TENSORS}, **{k: getattr(self, k) for k in self._COUNTS},
-                "elapsed": time.perf_counter() - self.started}
+        return {"loss_sum": self.loss_sum.cpu(), "sample_sums": self.sample_sums.cpu(),
+                "sample_maxes": self.sample_maxes.cpu(), "grad": {k: v.cpu() for k, v in self.grad.items()},
+                **{k: getattr(self, k) for k in self._COUNTS}, "elapsed": time.perf_counter() - self.started}
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        for k in self._TENSORS:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in ("loss_sum", "sample_sums", "sample_maxes"):
             setattr(self, k, state[k].to(self.device))
+        self.grad = {k: v.to(self.device) for k, v in state["grad"].items()}
         for k in self._COUNTS:
             setattr(self, k, state[k])
         self.started = time.perf_counter() - state["elapsed"]  # the time spent down is not step time
 
     def add_micro_batch(self, losses: dict[str, Tensor], batch_size: int,
                         stats: tuple[Tensor, Tensor] | None = None) -> None:
-        self.loss_sum += torch.stack([losses[k].detach() for k in LOSS_NAMES]).double()
+        self.loss_sum += torch.stack([losses[k].detach() for k in loss_names()]).double()
         if stats is not None:
             self.sample_sums += stats[0].sum(dim=0)
             torch.maximum(self.sample_maxes, stats[1].amax(dim=0), out=self.sample_maxes)
@@ -70,71 +82,48 @@ class Window:
         is recomputed exactly as torch does (max_norm / (norm + 1e-6), capped at 1)."""
         norm = grad_norm.detach().double()
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if math.isfinite(max_norm) else torch.ones_like(norm)
-        self.grad_sums += torch.stack([norm, norm * coef, (coef < 1.0).double()])
-        self.grad_norm_max = torch.maximum(self.grad_norm_max, norm)
-        self.last_clip_coef = coef
+        g = self.grad
+        g["grad_norm_sum"] = g["grad_norm_sum"] + norm
+        g["grad_norm_clipped_sum"] = g["grad_norm_clipped_sum"] + norm * coef
+        g["clipped_steps"] = g["clipped_steps"] + (coef < 1.0).double()
+        g["grad_norm_max"] = torch.maximum(g["grad_norm_max"], norm)
+        g["clip_coef"] = coef
         self.optimizer_steps += 1
 
-    def device_parts(self) -> dict[str, Tensor]:
-        grad = torch.cat([self.grad_sums, self.grad_norm_max.view(1), self.last_clip_coef.view(1)])
-        return {"loss": self.loss_sum, "sums": self.sample_sums, "maxes": self.sample_maxes, "grad": grad}
-
-    def host_values(self) -> list[float]:
-        elapsed = time.perf_counter() - self.started
-        return [self.micro_batches, self.optimizer_steps, self.samples, self.skipped_steps, self.data_wait, elapsed]
-
-
-HOST_FIELDS = ("micro_batches", "optimizer_steps", "samples", "skipped_steps", "data_wait", "elapsed")
-# Per-rank row: the hardware readings, then this rank's own timing of the window.
-RANK_KEYS = (*HW_KEYS, "step_time", "data_wait_fraction")
+    def columns(self) -> dict[str, Part]:
+        """Everything this rank contributes to the window's record, by name."""
+        counts = {k: float(getattr(self, k)) for k in self._COUNTS}
+        counts["elapsed"] = time.perf_counter() - self.started
+        return {"loss": (loss_names(), self.loss_sum), "sums": (SUM_FIELDS, self.sample_sums),
+                "maxes": (MAX_FIELDS, self.sample_maxes), "grad": self.grad, "counts": counts}
 
 
-def gather_rows(accelerator: Accelerator, parts: dict[str, Tensor | list[float]]) -> list[dict[str, list[float]]]:
-    """All-gather named float vectors from every rank: one collective, one device->host copy.
-
-    Returns one ``{name: values}`` dict per rank. Must be called on every rank.
-    """
-    device = accelerator.device
-    tensors = [torch.as_tensor(p, dtype=torch.float64).to(device).flatten() for p in parts.values()]
-    sizes = [t.numel() for t in tensors]
-    rows = accelerator.gather(torch.cat(tensors)[None]).cpu().tolist()  # the single host transfer
-    out = []
-    for row in rows:
-        record, offset = {}, 0
-        for name, size in zip(parts, sizes, strict=True):
-            record[name] = row[offset:offset + size]
-            offset += size
-        out.append(record)
-    return out
-
-
-def combine(rows: list[dict[str, list[float]]]) -> dict[str, float]:
+def combine(rows: list[dict[str, dict[str, float]]]) -> dict[str, float]:
     """Cross-rank totals of a window: losses and sample sums add, maxima take the max."""
-    micro = sum(r["host"][0] for r in rows)
-    losses = {k: sum(r["loss"][i] for r in rows) / max(micro, 1) for i, k in enumerate(LOSS_NAMES)}
-    sums = {k: sum(r["sums"][i] for r in rows) for i, k in enumerate(SUM_FIELDS)}
-    maxes = {k: max(r["maxes"][i] for r in rows) for i, k in enumerate(MAX_FIELDS)}
+    micro = sum(r["counts"]["micro_batches"] for r in rows)
+    losses = {k: sum(r["loss"][k] for r in rows) / max(micro, 1) for k in rows[0]["loss"]}
+    sums = {k: sum(r["sums"][k] for r in rows) for k in SUM_FIELDS}
+    maxes = {k: max(r["maxes"][k] for r in rows) for k in MAX_FIELDS}
     # Gradients are identical on every rank after DDP's all-reduce: rank 0's row speaks for all.
-    g, steps = rows[0]["grad"], max(rows[0]["host"][1], 1)
-    out = {**losses, "grad_norm": g[0] / steps, "grad_norm_clipped": g[1] / steps, "clip_fraction": g[2] / steps,
-           "grad_norm_max": g[3]}
+    g, steps = rows[0]["grad"], max(rows[0]["counts"]["optimizer_steps"], 1)
+    out = {**losses, "grad_norm": g["grad_norm_sum"] / steps, "grad_norm_clipped": g["grad_norm_clipped_sum"] / steps,
+           "clip_fraction": g["clipped_steps"] / steps, "grad_norm_max": g["grad_norm_max"]}
     if sums["samples"] > 0:
         out.update(summarize(sums, maxes))
     return out
 
 
-def gradient_detail(rows: list[dict[str, list[float]]], modules: list[str]) -> dict[str, float]:
-    """grad_mean/std/max and per-module norms of the log step, undoing that step's clip."""
-    detail = rows[0]["grad_detail"]
-    scale = 1.0 / rows[0]["grad"][4]  # the stats were read after clipping; pre-clip = post-clip / coef
-    row = dict(zip(GRAD_FIELDS, detail[:len(GRAD_FIELDS)], strict=True))
-    out = summarize_grads(row, scale)
-    for name, sq in zip(modules, detail[len(GRAD_FIELDS):], strict=True):
+def gradient_detail(row: dict[str, dict[str, float]]) -> dict[str, float]:
+    """grad_mean/std/max and per-module norms of the log step, undoing that step's clip. The
+    statistics were read after clipping: pre-clip = post-clip / clip coefficient."""
+    scale = 1.0 / row["grad"]["clip_coef"]
+    out = summarize_grads(row["grad_detail"], scale)
+    for name, sq in row["module_sq"].items():
         out[f"grad_norm/{name}"] = scale * math.sqrt(max(sq, 0.0))
     return out
 
 
-def hardware_record(rows: list[dict[str, list[float]]]) -> dict[str, float]:
+def hardware_record(rows: list[dict[str, dict[str, float]]]) -> dict[str, float]:
     """Per-rank ``hw/rank{r}/<key>``, ``hw/max/`` and ``hw/mean/`` across ranks, the main process's
     own readings under bare names, and the straggler ratios ``hw/imbalance_*`` (max/min over ranks).
 
@@ -143,7 +132,8 @@ def hardware_record(rows: list[dict[str, list[float]]]) -> dict[str, float]:
     record: dict[str, float] = {}
     per_key: dict[str, list[float]] = {}
     for rank, row in enumerate(rows):
-        for key, value in zip(RANK_KEYS, row["hw"], strict=True):
+        for key in RANK_KEYS:
+            value = row["hw"][key]
             if math.isfinite(value):
                 record[f"hw/rank{rank}/{key}"] = value
                 per_key.setdefault(key, []).append(value)
@@ -157,3 +147,145 @@ def hardware_record(rows: list[dict[str, list[float]]]) -> dict[str, float]:
         if len(values) == len(rows) and min(values) > 0:
             record[f"hw/imbalance_{name}"] = max(values) / min(values)
     return record
+
+
+class Windows:
+    """The per-rank part of the telemetry state (both windows), for the checkpoint's rank file."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.log, self.epoch = Window(device), Window(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": self.log.state_dict(), "epoch_window": self.epoch.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.log.load_state_dict(state["window"])
+        self.epoch.load_state_dict(state["epoch_window"])
+
+
+class Telemetry:
+    """Measures every micro-batch and optimizer step on device and builds the logged records.
+
+    ``state_dict`` holds the last training and epoch records (shared by all ranks, for the final
+    summary of a resumed run); :attr:`windows` is the per-rank state.
+    """
+
+    def __init__(self, accelerator: Accelerator, model: nn.Module, optimizer: Any, cfg: Config,
+                 steps_per_epoch: int, total_steps: int) -> None:
+        self.accelerator, self.optimizer, self.cfg = accelerator, optimizer, cfg
+        self.enabled = cfg.wandb.telemetry
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.max_grad_norm = cfg.optim.max_grad_norm or math.inf  # inf: measure the norm, never clip
+        self.windows = Windows(accelerator.device)
+        self.hardware = HardwareMonitor(accelerator.device)
+        self.module_params = {name: list(child.parameters()) for name, child in model.named_children()}
+        self.grad_detail: dict[str, Part] = {}
+        self.last_train: dict[str, float] = {}
+        self.last_val: dict[str, float] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_train": self.last_train, "last_val": self.last_val}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_train, self.last_val = state.get("last_train", {}), state.get("last_val", {})
+
+    def at_log_frequency(self, step: int) -> bool:
+        """Every ``wandb.log_frequency`` steps and the last step: where host read-outs may happen."""
+        return step % self.cfg.wandb.log_frequency == 0 or step == self.total_steps
+
+    def should_log(self, step: int) -> bool:
+        """Is optimizer step ``step`` a log step (the only steps whose window values reach the host)?"""
+        return self.enabled and self.at_log_frequency(step)
+
+    def media_due(self, step: int) -> bool:
+        """A reconstruction grid is logged at this step (decided from the config alone, so every
+        rank agrees on which steps read the host)."""
+        every = self.cfg.wandb.image_log_frequency
+        return bool(every) and step % every == 0
+
+    def timed(self, loader: Iterable[dict]) -> Iterator[dict]:
+        """Iterate ``loader``, adding the time spent waiting for each batch to the log window."""
+        iterator = iter(loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.windows.log.data_wait += time.perf_counter() - start
+            yield batch
+
+    def on_micro_batch(self, batch: dict[str, Tensor], losses: dict[str, Tensor], outputs: dict[str, Tensor]) -> None:
+        """Add the micro-batch to both windows, on device."""
+        stats = None
+        if self.enabled:
+            stats = sample_stats(batch["pixel_values"], outputs["reconstruction"], outputs["latent"],
+                                 outputs["logits"], batch["input_ids"], batch["attention_mask"])
+        batch_size = batch["pixel_values"].shape[0]
+        self.windows.log.add_micro_batch(losses, batch_size, stats)
+        self.windows.epoch.add_micro_batch(losses, batch_size, stats)
+
+    def on_optimizer_step(self, grad_norm: Tensor, step: int) -> None:
+        """The sync micro-batch of optimizer step ``step``, after clipping, before the update."""
+        self.windows.log.add_optimizer_step(grad_norm, self.max_grad_norm)
+        self.windows.epoch.add_optimizer_step(grad_norm, self.max_grad_norm)
+        if self.should_log(step):
+            # Read after clipping (accelerate unscales fp16 grads inside clip_grad_norm_ and a second
+            # unscale is an error); the record divides by this step's clip coefficient.
+            grads = {name: [p.grad for p in params if p.grad is not None]
+                     for name, params in self.module_params.items()}
+            total, per_module = grad_stats(grads)
+            self.grad_detail = {"grad_detail": total, "module_sq": per_module}
+
+    def on_skipped_step(self) -> None:
+        """An fp16 overflow step: the scaler skipped the update."""
+        self.windows.log.skipped_steps += 1
+
+    def gather_log_record(self, step: int, samples_seen: int, lrs: list[float]) -> dict[str, Any]:
+        """Collective (every rank): the training record of the log window ending at ``step``;
+        ``lrs`` are the learning rates that step ran with. Resets the log window."""
+        acc, cfg, window = self.accelerator, self.cfg, self.windows.log
+        columns = window.columns()
+        elapsed, steps = columns["counts"]["elapsed"], max(window.optimizer_steps, 1)
+        own = {**self.hardware.read(), "step_time": elapsed / steps,
+               "data_wait_fraction": window.data_wait / elapsed if elapsed > 0 else 0.0}
+        rows = gather_named(acc, {**columns, **self.grad_detail, "hw": own})
+        samples = sum(r["counts"]["samples"] for r in rows)
+        groups = [g.get("name", i) for i, g in enumerate(self.optimizer.param_groups)]
+        record = {
+            **combine(rows),
+            **(gradient_detail(rows[0]) if self.grad_detail else {}),
+            "learning_rate": lrs[0],
+            **{f"learning_rate/{g}": lr for g, lr in zip(groups, lrs, strict=True)},
+            "epoch": step / self.steps_per_epoch,
+            "batch_size": cfg.train.batch_size,
+            "effective_batch_size": cfg.train.batch_size * acc.num_processes * cfg.train.gradient_accumulation_steps,
+            "optimizer_step": step,
+            "samples_seen": samples_seen,
+            "samples_per_second": samples / rows[0]["counts"]["elapsed"] if rows[0]["counts"]["elapsed"] > 0 else 0.0,
+            **hardware_record(rows),
+        }
+        if acc.scaler is not None:  # fp16: the loss scale, and the steps it skipped on overflow
+            record["loss_scale"] = acc.scaler.get_scale()
+            record["skipped_steps"] = rows[0]["counts"]["skipped_steps"]
+        self.last_train = record
+        window.reset()
+        return record
+
+    def gather_epoch_record(self, val: dict[str, float], step: int) -> dict[str, float]:
+        """Collective (every rank): the epoch summary, from the epoch window (training means over
+        the epoch so far) and ``val``, the evaluator's ``val/*`` results."""
+        train = combine(gather_named(self.accelerator, self.windows.epoch.columns()))
+        record = {
+            **val,
+            "epoch": step / self.steps_per_epoch,
+            "epoch_train_loss_avg": train["total_loss"],
+            "epoch_val_loss_avg": val["val/total_loss"],
+            "val_train_loss_ratio": val["val/total_loss"] / train["total_loss"],
+            "image_caption_loss_ratio": train["loss_image"] / train["loss_caption"],
+            "gradient_norm_trend": train["grad_norm"],
+        }
+        if "latent_std" in train:
+            record["latent_std_trend"] = train["latent_std"]
+        self.last_val = record
+        return record

@@ -60,34 +60,34 @@ if kill:
         return trainer[0].state.optimizer_step
 
     if moment == "after_step":
-        at_boundary = Trainer.at_step_boundary
+        at_step_end = Trainer.log_and_save_at_step_end
 
-        def at_step_boundary(self, epoch_ends):
-            stop = at_boundary(self, epoch_ends)
+        def log_and_save_at_step_end(self, lrs, epoch_ends):
+            stop = at_step_end(self, lrs, epoch_ends)
             if step() in steps:
                 _die()
             return stop
 
-        Trainer.at_step_boundary = at_step_boundary
+        Trainer.log_and_save_at_step_end = log_and_save_at_step_end
     elif moment == "after_save":
-        save = Trainer.save_checkpoint
+        save = checkpoint.CheckpointManager.save
 
-        def save_checkpoint(self):
-            path = save(self)
-            if step() in steps:
+        def save_and_die(self, at):
+            path = save(self, at)
+            if at in steps:
                 _die()
             return path
 
-        Trainer.save_checkpoint = save_checkpoint
+        checkpoint.CheckpointManager.save = save_and_die
     elif moment == "save_write":
-        write_shared = checkpoint.Checkpointer._write_shared
+        write_shared = checkpoint.CheckpointManager.write_shared
 
-        def _write_shared(self, tmp, objects):
+        def die_writing(self, tmp):
             if step() in steps:
                 _die()
-            write_shared(self, tmp, objects)
+            write_shared(self, tmp)
 
-        checkpoint.Checkpointer._write_shared = _write_shared
+        checkpoint.CheckpointManager.write_shared = die_writing
     elif moment == "save_commit":
         replace_dir = checkpoint.replace_dir
 

@@ -48,18 +48,21 @@ def test_a_checkpoint_after_every_step_holds_the_whole_training_state(run):
         assert (last / name).is_file(), name
     for pt in last.glob("*.pt"):  # nothing in a checkpoint needs pickle's code execution
         torch.load(pt, weights_only=True)
-    state = json.loads((last / "train_state.json").read_text())
+    meta = json.loads((last / "train_state.json").read_text())
+    state = meta["train_state"]
     assert state["optimizer_step"] == 6 and state["epoch"] == 2 and state["samples_seen"] == 192
-    assert state["nonfinite_steps"] == 0 and state["world_size"] == 1
-    assert state["wandb_run_id"] == offline_runs(run)[0].stem.rsplit("-", 1)[1]
-    assert state["last_val"]["val/total_loss"] > 0
+    assert state["nonfinite_steps"] == 0 and meta["world_size"] == 1 and meta["step"] == 6
+    assert meta["nonfinite_guard"] == {"nonfinite_steps": 0, "consecutive_nonfinite_steps": 0}
+    assert meta["loggers"]["wandb"]["run_id"] == offline_runs(run)[0].stem.rsplit("-", 1)[1]
+    assert meta["telemetry"]["last_val"]["val/total_loss"] > 0
     rank = torch.load(last / "rank_00000.pt", weights_only=True)
-    assert set(rank) == {"rng", "window", "epoch_window"}
+    assert set(rank) == {"rng", "telemetry_windows"}
+    assert set(rank["telemetry_windows"]) == {"window", "epoch_window"}
 
 
 def test_saves_fall_only_on_optimizer_steps_never_inside_an_accumulation_window(run):
     for ckpt in sorted((run / "checkpoints").glob("step_*")):
-        state = json.loads((ckpt / "train_state.json").read_text())
+        state = json.loads((ckpt / "train_state.json").read_text())["train_state"]
         assert state["batches_in_epoch"] % 2 == 0  # 2 micro-batches per optimizer step
         assert state["batches_in_epoch"] == 2 * (state["optimizer_step"] - 3 * state["epoch"])
 

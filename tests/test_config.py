@@ -390,7 +390,7 @@ def test_dump_then_load_round_trips(preset, tmp_path):
 def test_dump_is_readable_yaml_with_every_section(tmp_path):
     load_config().dump(tmp_path / "c.yaml")
     raw = yaml.safe_load((tmp_path / "c.yaml").read_text())
-    assert list(raw) == ["model", "data", "optim", "train", "checkpoint", "wandb"]
+    assert list(raw) == ["model", "data", "optim", "train", "checkpoint", "log", "wandb"]
     assert sum(len(v) for v in raw.values()) == len(list(iter_fields()))
 
 

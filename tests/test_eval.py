@@ -14,7 +14,7 @@ def _evaluate(out, eval_batch_size: int) -> dict[str, float]:
                               "wandb.mode": "disabled", "wandb.media_samples": 0})
     trainer = Trainer(cfg)
     try:
-        return trainer.evaluate()
+        return trainer.evaluator.run(trainer.model, trainer.val_loader)
     finally:
         trainer.accelerator.end_training()
         reset_accelerate()
@@ -38,7 +38,7 @@ def test_val_alignment_groups_are_train_batch_sized(tmp_path):
                                   "wandb.mode": "disabled", "wandb.media_samples": 0})
     trainer = Trainer(cfg)
     try:
-        b = trainer.evaluate()["val/loss_alignment"]
+        b = trainer.evaluator.run(trainer.model, trainer.val_loader)["val/loss_alignment"]
     finally:
         trainer.accelerator.end_training()
         reset_accelerate()

@@ -97,13 +97,16 @@ def test_steps_out_of_order_are_refused_and_reach_no_sink(tmp_path):
     assert rec.logged() == [(3, {"a": 1}), (3, {"b": 2}), (4, {"d": 4})]
 
 
-def test_a_continued_run_starts_with_its_checkpoint_step_closed(tmp_path):
+def test_a_continued_run_may_log_at_its_checkpoint_step_but_not_before(tmp_path):
+    """A checkpoint saved at an epoch's last step, before its validation, logs the epoch record at
+    that step when continued; earlier steps are closed."""
     loggers = opened(JsonlLogger(tmp_path), resume_step=5)
-    with pytest.raises(RuntimeError, match="step 5 after step 5"):
-        loggers.log({"a": 1}, step=5)
+    with pytest.raises(RuntimeError, match="step 4 after step 5"):
+        loggers.log({"a": 1}, step=4)
+    loggers.log({"e": 2}, step=5)
     loggers.log({"a": 1}, step=6)
     loggers.close()
-    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 6, "a": 1}]
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 5, "e": 2}, {"step": 6, "a": 1}]
 
 
 def test_jsonl_merges_a_step_into_one_line_written_when_the_next_step_comes(tmp_path):

@@ -31,14 +31,14 @@ def test_the_final_report_quotes_the_wandb_sync_command(tmp_path, capsys):
 
 def test_the_preemption_hint_and_the_different_run_message_quote_paths(tmp_path, capsys, monkeypatch):
     out = tmp_path / ODD
-    boundary = Trainer.at_step_boundary
+    step_end = Trainer.log_and_save_at_step_end
 
-    def signalled(self, epoch_ends):
+    def signalled(self, lrs, epoch_ends):
         if self.state.optimizer_step == 2:
             self.signals.received = signal.SIGTERM
-        return boundary(self, epoch_ends)
+        return step_end(self, lrs, epoch_ends)
 
-    monkeypatch.setattr(Trainer, "at_step_boundary", signalled)
+    monkeypatch.setattr(Trainer, "log_and_save_at_step_end", signalled)
     args = ["train", "--config", str(TINY), "--train.output_dir", str(out), "--wandb.mode", "disabled"]
     assert main(args) == 0
     words = _pasted(capsys.readouterr().out, r"\(or (--train\.resume .*)\)")

@@ -13,7 +13,7 @@ from torch import nn
 
 from mmtrain.config import ModelConfig, OptimConfig
 from mmtrain.errors import ConfigError
-from mmtrain.model import LOSS_NAMES, MultimodalModel
+from mmtrain.model import MultimodalModel, loss_names
 from mmtrain.optim import build_optimizer, build_scheduler, parameter_groups
 
 # configs/tiny.yaml's model, with a small vocabulary and a shorter caption
@@ -43,7 +43,7 @@ def model():
 
 def test_output_shapes(model):
     losses, out = model(_batch())
-    assert set(losses) == set(LOSS_NAMES)
+    assert set(losses) == set(loss_names())
     assert out["latent"].shape == (B, CFG.latent_dim)
     assert out["reconstruction"].shape == (B, 1, 32, 32)
     assert out["logits"].shape == (B, T, V)
@@ -64,7 +64,7 @@ def test_losses_are_finite_scalars_and_total_is_the_weighted_sum():
     weights = {"image_loss_weight": 2.0, "caption_loss_weight": 0.7, "alignment_loss_weight": 0.3}
     m = MultimodalModel(dataclasses.replace(CFG, **weights)).eval()
     losses, _ = m(_batch())
-    for name in LOSS_NAMES:
+    for name in loss_names():
         assert losses[name].shape == () and torch.isfinite(losses[name]) and losses[name] > 0, name
     expected = 2.0 * losses["loss_image"] + 0.7 * losses["loss_caption"] + 0.3 * losses["loss_alignment"]
     assert losses["total_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
@@ -178,7 +178,7 @@ def test_save_pretrained_from_pretrained_round_trip(model, tmp_path):
     assert loaded.config == CFG
     batch = _batch()
     (la, oa), (lb, ob) = model(batch), loaded(batch)
-    for k in LOSS_NAMES:
+    for k in loss_names():
         assert torch.equal(la[k], lb[k]), k
     for k in ("latent", "reconstruction", "logits", "text_embedding"):
         assert torch.equal(oa[k], ob[k]), k

@@ -12,6 +12,7 @@ from conftest import TINY, read_jsonl, reset_accelerate
 
 from mmtrain.cli import main
 from mmtrain.model import MultimodalModel
+from mmtrain.telemetry import Telemetry
 from mmtrain.trainer import Trainer
 
 
@@ -39,15 +40,15 @@ def _poison(monkeypatch, steps: set[int], trainers: list, error: BaseException |
 def _snapshots(monkeypatch) -> dict[int, tuple[list, list]]:
     """(parameters, AdamW moments) after every optimizer step."""
     taken: dict[int, tuple[list, list]] = {}
-    boundary = Trainer.at_step_boundary
+    step_end = Trainer.log_and_save_at_step_end
 
-    def at_step_boundary(self, epoch_ends):
+    def log_and_save_at_step_end(self, lrs, epoch_ends):
         params = [p.detach().clone() for p in self.model.parameters()]
         moments = [s["exp_avg"].clone() for s in self.optimizer.optimizer.state.values()]
         taken[self.state.optimizer_step] = (params, moments)
-        return boundary(self, epoch_ends)
+        return step_end(self, lrs, epoch_ends)
 
-    monkeypatch.setattr(Trainer, "at_step_boundary", at_step_boundary)
+    monkeypatch.setattr(Trainer, "log_and_save_at_step_end", log_and_save_at_step_end)
     return taken
 
 
@@ -186,35 +187,17 @@ def test_divergent_run_logs_every_nonfinite_step_in_order(tmp_path):
     _assert_ordered_and_complete(tmp_path, bad)
 
 
-def test_tracker_refuses_a_record_for_an_earlier_step(tmp_path):
-    import pytest
-
-    from mmtrain.config import WandbConfig
-    from mmtrain.tracking import Tracker
-
-    tracker = Tracker(tmp_path, WandbConfig(mode="disabled"), {})
-    tracker.log({"a": 1}, step=3)
-    tracker.log({"b": 2}, step=3)
-    with pytest.raises(RuntimeError, match="step 2 after step 3"):
-        tracker.log({"c": 3}, step=2)
-    tracker.flush()
-    with pytest.raises(RuntimeError, match="step 3 after step 3"):
-        tracker.log({"c": 3}, step=3)
-    tracker.log({"d": 4}, step=4)
-    tracker.finish()
-    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [3, 4]
-
-
-def _record_trained_samples(monkeypatch, seen: list) -> None:
+def _record_trained_samples(monkeypatch, seen: list, trainers: list) -> None:
     """Append (epoch, sample key) for every sample of every micro-batch whose backward ran."""
-    record = Trainer.record_micro_batch
+    record = Telemetry.on_micro_batch
 
     def spy(self, batch, losses, outputs):
+        epoch = trainers[-1].state.epoch
         for pixels, ids in zip(batch["pixel_values"], batch["input_ids"], strict=True):
-            seen.append((self.state.epoch, hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), tuple(ids.tolist())))
+            seen.append((epoch, hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), tuple(ids.tolist())))
         return record(self, batch, losses, outputs)
 
-    monkeypatch.setattr(Trainer, "record_micro_batch", spy)
+    monkeypatch.setattr(Telemetry, "on_micro_batch", spy)
 
 
 def test_the_out_of_memory_remedy_continues_the_epoch_exactly(tmp_path, monkeypatch, capsys):
@@ -228,7 +211,7 @@ def test_the_out_of_memory_remedy_continues_the_epoch_exactly(tmp_path, monkeypa
     trainers: list = []
     before: list = []
     _poison(monkeypatch, {5}, trainers, error=torch.OutOfMemoryError("CUDA out of memory"))
-    _record_trained_samples(monkeypatch, before)
+    _record_trained_samples(monkeypatch, before, trainers)
     assert main(args) == 1
     err = capsys.readouterr().err
     fix = re.search(r"continue with the same command plus (.*?)\. The last checkpoint", err)
@@ -238,7 +221,8 @@ def test_the_out_of_memory_remedy_continues_the_epoch_exactly(tmp_path, monkeypa
     monkeypatch.undo()
     reset_accelerate()
     after: list = []
-    _record_trained_samples(monkeypatch, after)
+    _poison(monkeypatch, set(), trainers)  # poisons nothing: records the new trainer
+    _record_trained_samples(monkeypatch, after, trainers)
     assert main(args + flags) == 0
     interrupted = collections.Counter(tuple(key) for epoch, *key in before + after if epoch == 0)
     full_epoch = collections.Counter(tuple(key) for epoch, *key in after if epoch == 1)

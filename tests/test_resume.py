@@ -154,8 +154,9 @@ def test_sigterm_two_processes_saves_at_a_step_boundary_and_exits_0(tmp_path):
     line = next(line for line in stdout.splitlines() if "stopped by a signal" in line)
     stopped = int(line.split("optimizer step ")[1].split(";")[0])
     assert 4 <= stopped < 180
-    state = json.loads((out / "checkpoints" / f"step_{stopped:08d}" / "train_state.json").read_text())
-    assert state["optimizer_step"] == stopped and state["world_size"] == 2
+    meta = json.loads((out / "checkpoints" / f"step_{stopped:08d}" / "train_state.json").read_text())
+    state = meta["train_state"]
+    assert state["optimizer_step"] == stopped and meta["world_size"] == 2
     assert state["batches_in_epoch"] == (stopped % 3) or (stopped % 3 == 0 and state["batches_in_epoch"] in (0, 3))
     assert state["nonfinite_steps"] == 1  # rank 1's NaN at step 2: one agreed skip
     records = read_jsonl(out / "metrics.jsonl")
@@ -224,5 +225,5 @@ def test_sigusr1_to_every_process_of_a_launch_sh_job_saves_and_requeues(tmp_path
     assert calls.read_text().split() == ["requeue", "77"]
     line = next(line for line in stdout.splitlines() if "stopped by a signal" in line)
     stopped = int(line.split("optimizer step ")[1].split(";")[0])
-    state = json.loads((out / "checkpoints" / f"step_{stopped:08d}" / "train_state.json").read_text())
-    assert state["optimizer_step"] == stopped and state["world_size"] == 2
+    meta = json.loads((out / "checkpoints" / f"step_{stopped:08d}" / "train_state.json").read_text())
+    assert meta["train_state"]["optimizer_step"] == stopped and meta["world_size"] == 2

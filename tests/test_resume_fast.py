@@ -16,7 +16,6 @@ comparison to report the difference.
 """
 
 import json
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -53,10 +52,9 @@ def _train_to_the_end_of_epoch_0(out, **overrides) -> SimpleNamespace:
     from mmtrain.trainer import Trainer
 
     trainer = Trainer(tiny_config(out, **CONFIG, **overrides))
-    trainer.started = time.perf_counter()  # what fit() sets before its first epoch (train_time reads it)
     trainer.train_epoch(0, stop_at=STOP_AT)
-    trainer.end_epoch(0)
-    trainer.tracker.flush()
+    trainer.validate_and_log_epoch(0)
+    trainer.loggers.flush()
     model = trainer.accelerator.unwrap_model(trainer.model)
     result = SimpleNamespace(
         weights={k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -120,8 +118,7 @@ def _no_scheduler_restore(monkeypatch):
 
 
 def _no_rng_restore(monkeypatch):
-    monkeypatch.setattr(mmtrain.checkpoint, "restore_rng", lambda state: None)
-    monkeypatch.setattr(mmtrain.trainer, "restore_rng", lambda state: None)
+    monkeypatch.setattr(mmtrain.checkpoint.RNGState, "load_state_dict", lambda self, state: None)
 
 
 def _no_data_position(monkeypatch):
@@ -166,12 +163,11 @@ def test_resume_from_a_save_at_an_epochs_last_step_before_its_validation(tmp_pat
     settings = {k: v for k, v in CONFIG.items() if k != "checkpoint.every_steps"}
     whole = finish(Trainer(tiny_config(tmp_path / "whole", **settings)))
     stopped = Trainer(tiny_config(tmp_path / "stopped", **settings))
-    stopped.started = time.perf_counter()
     stopped.train_epoch(0, stop_at=STOP_AT)   # the last step of epoch 0, as at_step_boundary saves on a signal
     checkpoint = stopped.save_checkpoint()
     stopped.accelerator.end_training()
     reset_accelerate()
-    assert json.loads((checkpoint / "train_state.json").read_text())["batches_in_epoch"] == 8
+    assert json.loads((checkpoint / "train_state.json").read_text())["train_state"]["batches_in_epoch"] == 8
     resumed = finish(Trainer(tiny_config(tmp_path / "stopped", **settings, **{"train.resume": "auto"})))
     assert sorted(resumed.records) == sorted(whole.records) == [3, 4, 6, 8]
     assert _differences(whole, resumed) == []

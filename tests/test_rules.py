@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from conftest import read_jsonl, reset_accelerate, tiny_config
 
+from mmtrain.distributed import gather_named
 from mmtrain.metrics import retrieval_recall, sample_stats
-from mmtrain.model import LOSS_NAMES
+from mmtrain.model import loss_names
 from mmtrain.optim import optimizer_steps
-from mmtrain.telemetry import RANK_KEYS, Window, combine, gather_rows, hardware_record
+from mmtrain.telemetry import RANK_KEYS, Window, combine, hardware_record
 
 # ------------------------------------------------------------------ retrieval: identical captions
 
@@ -118,9 +119,9 @@ def _rank_window(batches: list[dict], losses: list[dict], norms: list[float], ma
     return w
 
 
-def _rows(windows: list[Window]) -> list[dict[str, list[float]]]:
-    """The rows gather_rows returns on the main process: one per rank, in rank order."""
-    return [gather_rows(_FAKE_ACCELERATOR, {**w.device_parts(), "host": w.host_values()})[0] for w in windows]
+def _rows(windows: list[Window]) -> list[dict[str, dict[str, float]]]:
+    """The rows gather_named returns on the main process: one per rank, in rank order."""
+    return [gather_named(_FAKE_ACCELERATOR, w.columns())[0] for w in windows]
 
 
 def _naive_pooled(batches: list[dict]) -> dict[str, float]:
@@ -167,7 +168,7 @@ def test_combine_of_two_ranks_equals_the_naive_pooled_values(layout, max_norm):
     sizes = _LAYOUTS[layout]
     batches = [[_micro_batch(g, b) for b in rank_sizes] for rank_sizes in sizes]
     batches[1] = [{**mb, "latent": mb["latent"] * 3 - 4} for mb in batches[1]]  # rank 1 holds the extremes
-    losses = [[{k: float(x) for k, x in zip(LOSS_NAMES, torch.rand(4, generator=g) * 5 + 0.1, strict=True)}
+    losses = [[{k: float(x) for k, x in zip(loss_names(), torch.rand(4, generator=g) * 5 + 0.1, strict=True)}
                for _ in rank_sizes] for rank_sizes in sizes]
     norms = [0.5, 2.0, 1.25]  # pre-clip norms of the window's optimizer steps (identical on every rank)
     rows = _rows([_rank_window(b, lo, norms, max_norm) for b, lo in zip(batches, losses, strict=True)])
@@ -175,7 +176,7 @@ def test_combine_of_two_ranks_equals_the_naive_pooled_values(layout, max_norm):
 
     every_batch = [mb for rank in batches for mb in rank]
     every_loss = [lo for rank in losses for lo in rank]
-    expected = {k: sum(lo[k] for lo in every_loss) / len(every_loss) for k in LOSS_NAMES}  # equal weights
+    expected = {k: sum(lo[k] for lo in every_loss) / len(every_loss) for k in loss_names()}  # equal weights
     clip = [min(1.0, max_norm / (n + 1e-6)) for n in norms]
     expected |= {"grad_norm": sum(norms) / 3, "grad_norm_max": 2.0,
                  "grad_norm_clipped": sum(n * c for n, c in zip(norms, clip, strict=True)) / 3,
@@ -190,8 +191,8 @@ def test_combine_of_two_ranks_equals_the_naive_pooled_values(layout, max_norm):
 
 # ------------------------------------------------------------------- hardware rows across ranks
 
-def _hw_row(**values: float) -> dict[str, list[float]]:
-    return {"hw": [values.get(k, math.nan) for k in RANK_KEYS]}
+def _hw_row(**values: float) -> dict[str, dict[str, float]]:
+    return {"hw": {k: values.get(k, math.nan) for k in RANK_KEYS}}
 
 
 def test_hardware_record_on_cpu_rows():
@@ -268,7 +269,7 @@ def test_a_partial_accumulation_window_is_one_more_optimizer_step(run):
     assert [r["epoch"] for r in run.train] == pytest.approx([s / STEPS_PER_EPOCH for s in range(1, 7)], abs=1e-12)
     assert [r["step"] for r in run.epochs] == [3, 6]  # validation after each epoch's last (partial) step
     assert sorted(p.name for p in (run.out / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
-    state = json.loads((run.out / "checkpoints" / "step_00000003" / "train_state.json").read_text())
+    state = json.loads((run.out / "checkpoints" / "step_00000003" / "train_state.json").read_text())["train_state"]
     assert (state["epoch"], state["batches_in_epoch"], state["samples_seen"]) == (1, 0, 36)
 
 

@@ -23,7 +23,6 @@ from mmtrain.metrics import (
     summarize,
     summarize_grads,
 )
-from mmtrain.telemetry import RANK_KEYS
 from mmtrain.trainer import Trainer
 
 # ----------------------------------------------------------------------------- pure functions
@@ -89,14 +88,17 @@ def test_grad_stats_match_per_parameter_python_sums():
              "c": []}
     row, per_module = grad_stats(grads)
     values = [x for gs in grads.values() for t in gs for x in t.flatten().tolist()]
-    got = summarize_grads(dict(zip(GRAD_FIELDS, row.tolist(), strict=True)))
+    row = {k: v.item() for k, v in row.items()}
+    assert list(row) == list(GRAD_FIELDS)
+    got = summarize_grads(row)
     mean_signed = sum(values) / len(values)
     assert got["grad_mean"] == pytest.approx(sum(abs(x) for x in values) / len(values))
     assert got["grad_std"] == pytest.approx(math.sqrt(sum((x - mean_signed) ** 2 for x in values) / len(values)))
     assert got["grad_max"] == pytest.approx(max(abs(x) for x in values))
-    for name, sq in zip(grads, per_module.tolist(), strict=True):
-        assert sq == pytest.approx(sum(x * x for t in grads[name] for x in t.flatten().tolist()))
-    assert summarize_grads(dict(zip(GRAD_FIELDS, row.tolist(), strict=True)), scale=2.0)["grad_max"] == \
+    assert list(per_module) == list(grads)
+    for name, sq in per_module.items():
+        assert sq.item() == pytest.approx(sum(x * x for t in grads[name] for x in t.flatten().tolist()))
+    assert summarize_grads(row, scale=2.0)["grad_max"] == \
         pytest.approx(2 * got["grad_max"])
 
 
@@ -192,12 +194,12 @@ def test_two_processes_gather_exact_cross_rank_values(tmp_path):
     assert len(offline_runs(out)) == 1
     for call, record in zip(window_calls, records, strict=True):
         rows = [ranks[r][call] for r in (0, 1)]
-        per_rank_loss = [row["loss"][0] / row["host"][0] for row in rows]
+        per_rank_loss = [row["loss"]["total_loss"] / row["counts"]["micro_batches"] for row in rows]
         assert per_rank_loss[0] != per_rank_loss[1]  # the ranks saw different data
         assert record["total_loss"] == pytest.approx(sum(per_rank_loss) / 2, rel=1e-9)
-        lat_max = [row["maxes"][MAX_FIELDS.index("latent_max")] for row in rows]
-        lat_min = [-row["maxes"][MAX_FIELDS.index("latent_neg_min")] for row in rows]
+        lat_max = [row["maxes"]["latent_max"] for row in rows]
+        lat_min = [-row["maxes"]["latent_neg_min"] for row in rows]
         assert record["latent_max"] == max(lat_max) and record["latent_min"] == min(lat_min)
         assert lat_max[0] != lat_max[1] or lat_min[0] != lat_min[1]
         for r in (0, 1):
-            assert record[f"hw/rank{r}/rss_mb"] == rows[r]["hw"][RANK_KEYS.index("rss_mb")]
+            assert record[f"hw/rank{r}/rss_mb"] == rows[r]["hw"]["rss_mb"]

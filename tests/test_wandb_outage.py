@@ -16,7 +16,7 @@ import wandb
 from conftest import read_jsonl, tiny_config
 from wandb_files import offline_runs, read_run
 
-from mmtrain.tracking import Tracker
+from mmtrain.loggers.wandb_logger import WandbLogger
 from mmtrain.trainer import Trainer
 
 FAKE_KEY = "x" * 40
@@ -82,9 +82,9 @@ def test_online_init_failure_falls_back_to_offline(tmp_path, monkeypatch):
     modes = record_modes(monkeypatch, fail_modes=("online",))
     trainer, warned = train(tmp_path, **{"wandb.mode": "online"})
     assert modes == ["online", "offline"]
-    assert trainer.tracker.mode == "offline"
+    assert trainer.loggers.get("wandb").mode == "offline"
     runs = written_runs(tmp_path)
-    assert len(runs) == 1 and trainer.tracker.run_dir == runs[0].parent
+    assert len(runs) == 1 and trainer.loggers.get("wandb").run_dir == runs[0].parent
     assert sorted(h["_step"] for h in read_run(runs[0])["history"]) == STEPS  # the offline run got everything
     assert_metrics_complete(tmp_path)
     assert len(warned) == 1 and "online" in warned[0] and "offline" in warned[0], warned
@@ -95,7 +95,7 @@ def test_init_failing_everywhere_disables_wandb(tmp_path, monkeypatch):
     modes = record_modes(monkeypatch, fail_modes=("online", "offline"))
     trainer, warned = train(tmp_path, **{"wandb.mode": "online"})
     assert modes == ["online", "offline"]
-    assert trainer.tracker.mode == "disabled" and trainer.tracker.run_dir is None
+    assert trainer.loggers.get("wandb").mode == "disabled" and trainer.loggers.get("wandb").run_dir is None
     assert offline_runs(tmp_path) == []
     assert_metrics_complete(tmp_path)
     assert len(warned) == 1 and "disabled" in warned[0], warned
@@ -113,15 +113,15 @@ class LateRun:
 
 def test_hanging_init_is_bounded_and_disables_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
-    monkeypatch.setattr(Tracker, "init_grace_s", 1.0)  # the bound is 1 + 1 s: a fast test, the same code path
+    monkeypatch.setattr(WandbLogger, "init_grace_s", 1.0)  # the bound is 1 + 1 s: a fast test, the same code path
     release, late = threading.Event(), LateRun()
     modes = record_modes(monkeypatch, block=release, returns=late)
     start = time.perf_counter()
     trainer, warned = train(tmp_path, **{"wandb.mode": "online", "wandb.init_timeout": 1})
     elapsed = time.perf_counter() - start
-    assert elapsed < 30, elapsed  # bounded by init_timeout + Tracker.init_grace_s, not by the 60 s hang
+    assert elapsed < 30, elapsed  # bounded by init_timeout + WandbLogger.init_grace_s, not by the 60 s hang
     assert modes == ["online"]  # no second wandb.init while the first is stuck in wandb's global state
-    assert trainer.tracker.mode == "disabled"
+    assert trainer.loggers.get("wandb").mode == "disabled"
     assert_metrics_complete(tmp_path)
     assert len(warned) == 1 and "no answer" in warned[0] and "disabled" in warned[0], warned
     release.set()  # the stuck init returns at last: its run must be finished, not left attached
@@ -147,7 +147,7 @@ def test_failing_log_keeps_training(tmp_path, monkeypatch):
     monkeypatch.setattr(wandb, "init", init)
     trainer, warned = train(tmp_path)
     assert calls == [1, 2]  # W&B is off after the failure: no call per later step
-    assert trainer.tracker.mode == "disabled"
+    assert trainer.loggers.get("wandb").mode == "disabled"
     assert wandb.run is None  # the dropped run was finished, not left for the next wandb.init to return
     assert_metrics_complete(tmp_path)
     assert len(warned) == 1 and "log failed" in warned[0], warned
@@ -174,14 +174,14 @@ def test_failing_run_calls_keep_training(tmp_path, monkeypatch, call):
     assert_metrics_complete(tmp_path)
     assert len(warned) == 1 and f"{call} failed" in warned[0] and f"{call} broke" in warned[0], warned
     # A failing call switches W&B off; a failing finish comes last, when there is nothing left to switch off.
-    assert trainer.tracker.mode == ("offline" if call == "finish" else "disabled")
+    assert trainer.loggers.get("wandb").mode == ("offline" if call == "finish" else "disabled")
     assert (wandb.run is None) is (call != "finish")  # a dropped run is still finished
     if call == "finish":  # the real finish, so no run stays active for the next test's wandb.init
         wandb.run.__class__.finish(wandb.run)
 
 
 def test_hanging_finish_is_bounded(tmp_path, monkeypatch):
-    monkeypatch.setattr(Tracker, "finish_timeout_s", 1.0)
+    monkeypatch.setattr(WandbLogger, "finish_timeout_s", 1.0)
     release = threading.Event()
 
     def init(*args, **kwargs):
@@ -212,6 +212,6 @@ def test_online_without_credentials_runs_offline(tmp_path, monkeypatch):
     modes = record_modes(monkeypatch)  # conftest removed WANDB_API_KEY and points NETRC at no file
     trainer, warned = train(tmp_path, **{"wandb.mode": "online"})
     assert modes == ["offline"]  # online was never attempted
-    assert trainer.tracker.mode == "offline" and len(offline_runs(tmp_path)) == 1
+    assert trainer.loggers.get("wandb").mode == "offline" and len(offline_runs(tmp_path)) == 1
     assert_metrics_complete(tmp_path)
     assert len(warned) == 1 and "credentials" in warned[0], warned

@@ -10,24 +10,22 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_config
 
-from mmtrain import trainer as trainer_module
+from mmtrain import telemetry
 from mmtrain.trainer import Trainer
 
 
 def main(out_dir: str) -> None:
     local = []
-    original = trainer_module.gather_rows
+    original = telemetry.gather_named
 
     def spy(accelerator, parts):
-        local.append({k: torch.as_tensor(v, dtype=torch.float64).flatten().tolist() for k, v in parts.items()})
+        local.append(original(None, parts)[0])  # this rank's own named values, before the gather
         return original(accelerator, parts)
 
-    trainer_module.gather_rows = spy
+    telemetry.gather_named = spy
     cfg = tiny_config(out_dir, **{"wandb.log_frequency": 1, "train.max_steps": 4, "wandb.media_samples": 0})
     trainer = Trainer(cfg)
     trainer.fit()

@@ -121,8 +121,10 @@ class Loggers:
             return None
 
     def open(self, run_config: dict[str, Any], resume_step: int | None = None) -> None:
-        if resume_step is not None:  # the checkpoint's step was flushed before it was committed
-            self._last_step, self._step_open = resume_step, False
+        if resume_step is not None:
+            # Steps before the checkpoint's are closed. Its own step stays open: a checkpoint saved at
+            # an epoch's last step, before that epoch's validation, logs the epoch record there.
+            self._last_step, self._step_open = resume_step, True
         for sink in self._active():
             self._call(sink, "open", lambda sink=sink: sink.open(run_config, resume_step))
 

@@ -24,13 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from mmtrain.errors import TrainingError, shell_word
-from mmtrain.loggers.base import Loggers
+
+if TYPE_CHECKING:  # a type only: the loggers sit above this module
+    from mmtrain.loggers.base import Loggers
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -152,7 +155,6 @@ class NonFiniteGuard:
         self.max_consecutive = torch.zeros((), dtype=torch.int64, device=device)
         self._step_loss = torch.zeros((), dtype=torch.float32, device=device)
         self._flags: list[Tensor] = []
-        self._first_step = 0
 
     def add_loss(self, loss: Tensor) -> None:
         """Every micro-batch: NaN/inf survive the sum, so one check per step covers them all."""

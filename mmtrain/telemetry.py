@@ -72,8 +72,9 @@ class Window:
                         stats: tuple[Tensor, Tensor] | None = None) -> None:
         self.loss_sum += torch.stack([losses[k].detach() for k in loss_names()]).double()
         if stats is not None:
-            self.sample_sums += stats[0].sum(dim=0)
-            torch.maximum(self.sample_maxes, stats[1].amax(dim=0), out=self.sample_maxes)
+            sums, maxes = stats  # per-sample rows over SUM_FIELDS / MAX_FIELDS
+            self.sample_sums += sums.sum(dim=0)
+            torch.maximum(self.sample_maxes, maxes.amax(dim=0), out=self.sample_maxes)
         self.micro_batches += 1
         self.samples += batch_size
 

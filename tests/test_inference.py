@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
     images = out.parent / "val_images"
     images.mkdir()
     captions = {}
-    for i, row in enumerate(trainer.val_dataset):
+    for i, row in enumerate(trainer.data.val):
         path = images / f"val_{i:03d}.png"
         row["image"].save(path)
         captions[str(path)] = row["caption"]

@@ -73,6 +73,9 @@ def _cpu_seconds() -> float:
 def timed_block(trainer: Trainer, epoch: int, steps: int) -> tuple[float, float]:
     """(wall seconds, CPU seconds) per optimizer step over one block."""
     start_step = trainer.state.optimizer_step
+    if trainer.state.batches_in_epoch + steps * trainer.cfg.train.gradient_accumulation_steps > \
+            len(trainer.train_loader):
+        trainer.state.batches_in_epoch = 0  # a new pass over the data: a block never runs into an epoch end
     if trainer.accelerator.device.type == "cuda":
         torch.cuda.synchronize()
     cpu, wall = _cpu_seconds(), time.perf_counter()

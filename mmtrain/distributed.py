@@ -84,7 +84,12 @@ def gather_named(accelerator: Accelerator | None, parts: Mapping[str, Part]) -> 
     ``(column names, 1-d tensor)``. Returns one ``{part: {column: value}}`` per rank, in rank order
     (a single one without ``accelerator``). Values are float64 on the way, so counts stay exact.
     """
-    device = accelerator.device if accelerator is not None else None
+    if accelerator is not None:
+        device = accelerator.device
+    else:  # where the tensors already are: one device for the concatenation, one copy to the host
+        tensors = [v for part in parts.values() for v in (part[1:] if isinstance(part, tuple) else part.values())
+                   if isinstance(v, Tensor)]
+        device = tensors[0].device if tensors else torch.device("cpu")
     layout, vectors = [], []
     for part, columns in parts.items():
         if isinstance(columns, tuple):
@@ -92,12 +97,12 @@ def gather_named(accelerator: Accelerator | None, parts: Mapping[str, Part]) -> 
             vector = torch.as_tensor(values, dtype=torch.float64).flatten()
         else:
             names = list(columns)
-            vector = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device or "cpu").reshape(())
+            vector = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(())
                                   for v in columns.values()]) if names else torch.zeros(0, dtype=torch.float64)
         if vector.numel() != len(names):
             raise ValueError(f"part {part!r}: {vector.numel()} values for {len(names)} column names")
         layout.append((part, list(names)))
-        vectors.append(vector.to(device) if device is not None else vector)
+        vectors.append(vector.to(device))
     packed = torch.cat(vectors)[None]
     if accelerator is not None:
         packed = accelerator.gather(packed)

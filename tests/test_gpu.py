@@ -64,3 +64,12 @@ def test_non_log_steps_do_not_synchronise_the_gpu(tmp_path):
     trainer.train_epoch = strict(trainer.train_epoch)
     result = trainer.fit()
     assert result["optimizer_steps"] == 9
+
+
+def test_gather_named_without_an_accelerator_keeps_cuda_values_on_one_device():
+    from mmtrain.distributed import gather_named
+
+    cuda = torch.device("cuda", 0)
+    got = gather_named(None, {"loss": {"total_loss": torch.tensor(2.0, device=cuda), "n": 3.0},
+                              "sums": (("a", "b"), torch.tensor([1.0, 4.0], device=cuda))})
+    assert got == [{"loss": {"total_loss": 2.0, "n": 3.0}, "sums": {"a": 1.0, "b": 4.0}}]

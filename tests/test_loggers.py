@@ -360,3 +360,10 @@ def test_csv_resume_keeps_rows_up_to_the_checkpoint_and_drops_a_torn_line(tmp_pa
     assert [r[0] for r in read_csv(tmp_path / "metrics.csv")[1:]] == ["1", "2", "3", "4", "5"]
     opened(CsvLogger(tmp_path)).close()
     assert read_csv(tmp_path / "metrics.csv") == [["step", "name", "value"]]
+
+
+def test_the_state_of_a_sink_not_run_this_session_is_carried_on(tmp_path):
+    """A session without W&B (log.loggers csv) must not cost the next session its W&B run id."""
+    loggers = Loggers([JsonlLogger(tmp_path)])
+    loggers.load_state_dict({"wandb": {"run_id": "abc123"}})
+    assert loggers.state_dict() == {"wandb": {"run_id": "abc123"}}

@@ -64,6 +64,7 @@ def test_metrics_csv_holds_every_scalar_in_long_format(run):
         got.setdefault(row["name"], {})[int(row["step"])] = float(row["value"])
     expected = _jsonl_scalars(run)
     assert set(got) == set(expected)
+    assert len(rows) == sum(len(by_step) for by_step in expected.values())  # one row per (step, name)
     for key, by_step in expected.items():
         assert got[key] == pytest.approx(by_step, rel=1e-12, nan_ok=True), key
 

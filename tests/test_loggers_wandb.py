@@ -13,7 +13,6 @@ import pty
 import select
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +23,7 @@ import wandb
 from conftest import REPO, read_jsonl
 from PIL import Image as PILImage
 from wandb.proto import wandb_internal_pb2 as pb
-from wandb_files import _payloads, offline_runs, read_run
+from wandb_files import _payloads, offline_runs, read_run, record_modes
 
 from mmtrain.config import WandbConfig
 from mmtrain.loggers import Image, Loggers, Table, build_loggers
@@ -78,24 +77,6 @@ def set_env(monkeypatch, wandb_mode, credentials):
         monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     else:  # conftest already removed it and points NETRC at a missing file
         monkeypatch.delenv("WANDB_API_KEY", raising=False)
-
-
-def record_modes(monkeypatch, fail_modes=(), block: threading.Event | None = None, returns=None):
-    """Patch wandb.init: record each mode asked for; raise for ``fail_modes``; with ``block``, hang
-    until it is set and then return ``returns``; otherwise start the real (offline) run."""
-    modes = []
-
-    def init(*args, **kwargs):
-        modes.append(kwargs["mode"])
-        if kwargs["mode"] in fail_modes:
-            raise wandb.errors.CommError("api.wandb.ai: network is unreachable")
-        if block is not None:
-            block.wait(60)
-            return returns
-        return real_init(*args, **kwargs)
-
-    monkeypatch.setattr(wandb, "init", init)
-    return modes
 
 
 # ---- modes ----------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 import torch
 import wandb
 from conftest import read_jsonl, tiny_config
-from wandb_files import offline_runs, read_run
+from wandb_files import offline_runs, read_run, record_modes
 
 from mmtrain.loggers.wandb_logger import WandbLogger
 from mmtrain.trainer import Trainer
@@ -57,24 +57,6 @@ def written_runs(out):
     writer has closed the file, so end the wandb session (it waits for wandb-core) before reading."""
     wandb.teardown()
     return offline_runs(out)
-
-
-def record_modes(monkeypatch, fail_modes=(), block: threading.Event | None = None, returns=None):
-    """Patch wandb.init: record each mode asked for; raise for ``fail_modes``; with ``block``, hang
-    until it is set and then return ``returns``; otherwise start the real (offline) run."""
-    modes = []
-
-    def init(*args, **kwargs):
-        modes.append(kwargs["mode"])
-        if kwargs["mode"] in fail_modes:
-            raise wandb.errors.CommError("api.wandb.ai: network is unreachable")
-        if block is not None:
-            block.wait(60)
-            return returns
-        return real_init(*args, **kwargs)
-
-    monkeypatch.setattr(wandb, "init", init)
-    return modes
 
 
 def test_online_init_failure_falls_back_to_offline(tmp_path, monkeypatch):

@@ -7,8 +7,10 @@ The file is a LevelDB-style log: a 7-byte W&B header, then 32 KiB blocks of chun
 
 import json
 import struct
+import threading
 from pathlib import Path
 
+import wandb
 from wandb.proto import wandb_internal_pb2 as pb
 
 _BLOCK = 32 * 1024
@@ -72,3 +74,25 @@ def read_run(path: Path) -> dict:
 def offline_runs(output_dir: Path) -> list[Path]:
     """The ``run-*.wandb`` files of every offline run under ``output_dir/wandb``."""
     return sorted(Path(output_dir).glob("wandb/offline-run-*/run-*.wandb"))
+
+
+# wandb.init as imported, before any test patches it.
+REAL_INIT = wandb.init
+
+
+def record_modes(monkeypatch, fail_modes=(), block: threading.Event | None = None, returns=None):
+    """Patch wandb.init: record each mode asked for; raise for ``fail_modes``; with ``block``, hang
+    until it is set and then return ``returns``; otherwise start the real (offline) run."""
+    modes = []
+
+    def init(*args, **kwargs):
+        modes.append(kwargs["mode"])
+        if kwargs["mode"] in fail_modes:
+            raise wandb.errors.CommError("api.wandb.ai: network is unreachable")
+        if block is not None:
+            block.wait(60)
+            return returns
+        return REAL_INIT(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    return modes

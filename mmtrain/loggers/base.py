@@ -100,6 +100,7 @@ class Loggers:
         self._failed: dict[str, str] = {}  # sink name -> the call that failed (the sink is off)
         self._last_step = -1
         self._step_open = False  # the last step may still get records (not flushed yet)
+        self._carried: dict[str, Any] = {}  # loaded states of sinks this session does not run
 
     def get(self, name: str) -> BaseLogger | None:
         return next((sink for sink in self.sinks if sink.name == name), None)
@@ -189,9 +190,13 @@ class Loggers:
                 state = self._call(sink, "state_dict", sink.state_dict)
             if state:
                 states[sink.name] = state
-        return states
+        return {**self._carried, **states}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # The states of sinks this session does not run are carried on unchanged: a session logged
+        # without W&B must not cost the next one its W&B run id.
+        present = {sink.name for sink in self.sinks}
+        self._carried = {name: value for name, value in state.items() if name not in present}
         for sink in self._active():
             if state.get(sink.name):
                 self._call(sink, "load_state_dict", lambda sink=sink: sink.load_state_dict(state[sink.name]))

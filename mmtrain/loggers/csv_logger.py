@@ -70,6 +70,7 @@ class CsvLogger(BaseLogger):
         self.path = Path(output_dir) / "metrics.csv"
         self._file: io.TextIOWrapper | None = None
         self._writer = None
+        self._step, self._written = None, set()  # the names written at the current step
 
     def open(self, run_config: dict[str, Any], resume_step: int | None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,8 +85,14 @@ class CsvLogger(BaseLogger):
     def log(self, record: dict[str, Any], step: int) -> None:
         if self._writer is None:
             return
-        self._writer.writerows([step, key, _number(value)] for key, value in record.items()
-                               if isinstance(value, numbers.Real))
+        if step != self._step:
+            self._step, self._written = step, set()
+        # One row per (step, name), as metrics.jsonl has one value: records of one step share keys
+        # such as `epoch` (a log step that ends an epoch), with the same value.
+        rows = [[step, key, _number(value)] for key, value in record.items()
+                if isinstance(value, numbers.Real) and key not in self._written]
+        self._written.update(key for _, key, _ in rows)
+        self._writer.writerows(rows)
 
     def flush(self) -> None:
         if self._file is not None:

@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     _predict_parser(sub)
     _retrieve_parser(sub)
     _export_data_parser(sub)
+    # The analysis commands own their options (and run without torch until they need it).
+    from mmtrain.report import add_report_parser
+    from mmtrain.sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
@@ -323,8 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(_attach_config_values(sys.argv[1:] if argv is None else list(argv)))
     _short_warnings()
     try:
-        return {"train": run_train, "predict": run_predict, "retrieve": run_retrieve,
-                "export-data": run_export_data}[args.command](args)
+        handlers = {"train": run_train, "predict": run_predict, "retrieve": run_retrieve,
+                    "export-data": run_export_data}
+        return handlers[args.command](args) if args.command in handlers else args.handler(args)
     except (UserError, TrainingError) as e:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""

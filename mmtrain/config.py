@@ -257,6 +257,7 @@ class WandbConfig:
     project: str = _f("multimodal-engravings", "W&B project.")
     entity: str | None = _f(None, "W&B entity (team or user); null = your default.")
     name: str | None = _f(None, "Run name; null lets W&B pick one.")
+    group: str | None = _f(None, "W&B run group (a sweep's trials share one); null = no group.")
     tags: list[str] = field(default_factory=list, metadata={"help": "Run tags (comma-separated on the command line)."})
     log_frequency: int = _f(10, "Log the training window every this many optimizer steps.")
     telemetry: bool = _f(True, "Per-window latent/image/caption/gradient/hardware metrics; false logs nothing "
@@ -274,6 +275,58 @@ class WandbConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Thresholds of the guide's rules of thumb (mmtrain.diagnostics); the README's Diagnostics table
+    explains each rule. Counts are in logged records (one per wandb.log_frequency optimizer steps)
+    or in epochs, as the name says."""
+
+    enabled: bool = _f(True, "Check the rules during training (main process) and list findings in summary.json.")
+    alerts: bool = _f(True, "Also send each finding as a W&B alert (run.alert).")
+    alert_wait_minutes: float = _f(5.0, "W&B alerts with the same title are sent at most once per this many minutes.")
+    min_logs: int = _f(5, "Logged records a rule needs before it judges a trend (spikes, medians, shares).")
+    window: int = _f(20, "Records in the rolling median that spikes are measured against.")
+    explosion_factor: float = _f(10.0, "Gradient explosion: grad_norm or grad_max above this times its rolling "
+                                       "median over the previous `window` records.")
+    vanishing_grad_norm: float = _f(1e-7, "Vanishing gradients: grad_norm below this ...")
+    vanishing_logs: int = _f(5, "... for this many records in a row.")
+    overfit_epochs: int = _f(3, "Overfitting: the val - train loss gap (or val_train_loss_ratio) rose in each "
+                                "of this many epochs in a row and val is above train.")
+    latent_collapse_std: float = _f(1e-3, "Latent collapse: latent_std below this.")
+    latent_blowup_factor: float = _f(100.0, "Latent blow-up: latent_std above this times its first logged value.")
+    latent_mean_ratio: float = _f(1.0, "Latent drift: |latent_mean| above this times latent_std ...")
+    latent_mean_logs: int = _f(5, "... for this many records in a row (latent_mean should hover around 0).")
+    lr_tolerance: float = _f(0.01, "LR schedule: logged learning_rate off the configured warmup + cosine by more "
+                                   "than this fraction of optim.lr.")
+    caption_epochs: int = _f(3, "Caption stagnation: val caption_accuracy not above, or val caption_perplexity "
+                                "not below, its best of earlier epochs for this many epochs.")
+    dominance_share: float = _f(0.9, "Loss dominance: one weighted loss component is at least this share of "
+                                     "total_loss ...")
+    dominance_logs: int = _f(5, "... for this many records in a row.")
+    gpu_memory_high: float = _f(90.0, "GPU memory: peak device memory above this percent of the device ...")
+    gpu_memory_low: float = _f(30.0, "... or every reading below this percent once min_logs records exist.")
+    data_wait_share: float = _f(0.10, "Input-bound: median data_wait_fraction of the slowest rank over the "
+                                      "last `window` records above this.")
+    straggler_ratio: float = _f(1.2, "Straggler: median max/mean step time across ranks over the last `window` "
+                                     "records above this.")
+
+    def __post_init__(self) -> None:
+        s = "diagnostics"
+        for name in ("min_logs", "window", "vanishing_logs", "overfit_epochs", "latent_mean_logs", "caption_epochs",
+                     "dominance_logs"):
+            _require(getattr(self, name) >= 1, s, name, "must be >= 1", getattr(self, name))
+        for name in ("explosion_factor", "latent_blowup_factor", "straggler_ratio"):
+            _require(getattr(self, name) > 1, s, name, "must be > 1", getattr(self, name))
+        for name in ("vanishing_grad_norm", "latent_collapse_std", "latent_mean_ratio", "lr_tolerance"):
+            _require(getattr(self, name) > 0, s, name, "must be > 0", getattr(self, name))
+        _require(self.alert_wait_minutes >= 0, s, "alert_wait_minutes", "must be >= 0", self.alert_wait_minutes)
+        _require(0 < self.dominance_share <= 1, s, "dominance_share", "must be in (0, 1]", self.dominance_share)
+        _require(0 < self.data_wait_share < 1, s, "data_wait_share", "must be in (0, 1)", self.data_wait_share)
+        _require(0 <= self.gpu_memory_low < self.gpu_memory_high <= 100, s, "gpu_memory_low",
+                 "and gpu_memory_high must satisfy 0 <= low < high <= 100",
+                 (self.gpu_memory_low, self.gpu_memory_high))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -282,6 +335,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -296,7 +350,8 @@ class Config:
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-    "checkpoint": CheckpointConfig, "log": LogConfig, "wandb": WandbConfig}
+    "checkpoint": CheckpointConfig, "log": LogConfig, "wandb": WandbConfig,
+    "diagnostics": DiagnosticsConfig}
 
 
 def iter_fields() -> typing.Iterator[tuple[str, dataclasses.Field, Any]]:

@@ -65,6 +65,11 @@ class BaseLogger:
     def summary(self, values: dict[str, Any]) -> None:
         """The run's final (or failure) summary."""
 
+    def alert(self, title: str, text: str, level: str, wait_seconds: float) -> None:
+        """Notify the user now (a diagnostic finding); ``level`` is ``"INFO"``, ``"WARN"`` or ``"ERROR"``;
+        an alert with the same title is not sent again within ``wait_seconds``. Sinks without
+        notifications ignore it (the finding is in the records and the summary anyway)."""
+
     def flush(self) -> None:
         """Make what was logged durable (called before each checkpoint is committed)."""
 
@@ -148,6 +153,10 @@ class Loggers:
     def summary(self, values: dict[str, Any]) -> None:
         for sink in self._active():
             self._call(sink, "summary", lambda sink=sink: sink.summary(values))
+
+    def alert(self, title: str, text: str, level: str = "WARN", wait_seconds: float = 300.0) -> None:
+        for sink in self._active():
+            self._call(sink, "alert", lambda sink=sink: sink.alert(title, text, level, wait_seconds))
 
     def flush(self) -> None:
         """Make every sink's records durable; the last step is closed from now on."""

@@ -247,6 +247,20 @@ class WandbLogger(BaseLogger):
             except Exception as e:
                 self._drop_wandb("summary", e)
 
+    def alert(self, title: str, text: str, level: str, wait_seconds: float) -> None:
+        """``run.alert``: an email/Slack notification on a W&B server (recorded in an offline run's
+        file, sent when it is synced). W&B itself drops an alert whose title was sent less than
+        ``wait_duration`` ago: that is the rate limit."""
+        if self._run is None:
+            return
+        import wandb
+
+        try:
+            self._run.alert(title=title, text=text, level=getattr(wandb.AlertLevel, level),
+                            wait_duration=wait_seconds)
+        except Exception as e:
+            self._drop_wandb("alert", e)
+
     def close(self) -> None:
         run, self._run = self._run, None
         if run is not None:

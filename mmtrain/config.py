@@ -286,7 +286,8 @@ class DiagnosticsConfig:
     min_logs: int = _f(5, "Logged records a rule needs before it judges a trend (spikes, medians, shares).")
     window: int = _f(20, "Records in the rolling median that spikes are measured against.")
     explosion_factor: float = _f(10.0, "Gradient explosion: grad_norm or grad_max above this times its rolling "
-                                       "median over the previous `window` records.")
+                                       "median over the previous `window` records, or total_loss above this times "
+                                       "its lowest earlier value.")
     vanishing_grad_norm: float = _f(1e-7, "Vanishing gradients: grad_norm below this ...")
     vanishing_logs: int = _f(5, "... for this many records in a row.")
     overfit_epochs: int = _f(3, "Overfitting: the val - train loss gap (or val_train_loss_ratio) rose in each "

@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from mmtrain.checkpoint import CheckpointManager, RNGState, TrainingObjects, TrainState, find_resume, rng_preserved
 from mmtrain.config import Config
 from mmtrain.data import build_data, resumed_position
+from mmtrain.diagnostics import build_diagnostics
 from mmtrain.distributed import build_accelerator, print_main, progress_bar
 from mmtrain.errors import TrainingError, shell_word
 from mmtrain.evaluate import Evaluator
@@ -70,11 +71,13 @@ class Trainer:
         self.guard = NonFiniteGuard(acc.device, acc.num_processes, cfg.train.max_nonfinite_steps)
         self.agreement, self.signals = StepAgreement(acc.num_processes), StopSignals()
         self.loggers = build_loggers(acc.is_main_process, self.output_dir, cfg.log.loggers, cfg.wandb, EPOCH_METRICS)
+        self.diagnostics = build_diagnostics(acc.is_main_process, cfg, self.total_steps, acc.num_processes,
+                                             self.loggers)
         self.checkpointer = CheckpointManager(
             acc, root, cfg.checkpoint,
             TrainingObjects(model, self.optimizer, self.scheduler, acc.scaler, self.data.tokenizer, cfg),
             states={"train_state": self.state, "telemetry": self.telemetry, "nonfinite_guard": self.guard,
-                    "loggers": self.loggers},
+                    "loggers": self.loggers, "diagnostics": self.diagnostics},
             rank_states={"rng": RNGState(), "telemetry_windows": self.telemetry.windows})
         if self.resume_from is not None:
             self.restore(self.resume_from, resume_batch_size)
@@ -289,7 +292,7 @@ class Trainer:
             export_model(acc.unwrap_model(self.model), self.data.tokenizer, model_dir,
                          model_card(self.run_config(), results))
         acc.wait_for_everyone()
-        self.loggers.summary(summary)
+        self.loggers.summary({**summary, "findings": self.diagnostics.findings()})
         self.loggers.close()
         print_main(acc, *final_report(self.output_dir, summary, last_train, last_val, checkpoint, model_dir,
                                       self.loggers.report_lines()))

@@ -44,13 +44,14 @@ def _payloads(data: bytes):
 
 
 def read_run(path: Path) -> dict:
-    """{"run_id", "config": {key: value}, "history": [{key: value}], "summary": {key: value}}."""
+    """{"run_id", "config": {key: value}, "history": [{key: value}], "summary": {key: value},
+    "alerts": [{"title", "text", "level", "wait_duration"}]}."""
     import wandb
 
     # run.finish() returns before wandb-core has written the file out; teardown waits for it (a
     # process exit does the same, so only a reader in the training process needs this).
     wandb.teardown()
-    run = {"run_id": None, "config": {}, "history": [], "summary": {}}
+    run = {"run_id": None, "config": {}, "history": [], "summary": {}, "alerts": []}
     for payload in _payloads(Path(path).read_bytes()):
         record = pb.Record()
         record.ParseFromString(payload)
@@ -65,6 +66,9 @@ def read_run(path: Path) -> dict:
         elif kind == "history":
             run["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                                    for item in record.history.item})
+        elif kind == "alert":
+            run["alerts"].append({"title": record.alert.title, "text": record.alert.text,
+                                  "level": record.alert.level, "wait_duration": record.alert.wait_duration})
         elif kind == "summary":
             for item in record.summary.update:
                 run["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)

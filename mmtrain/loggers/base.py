@@ -106,6 +106,12 @@ class Loggers:
         self._last_step = -1
         self._step_open = False  # the last step may still get records (not flushed yet)
         self._carried: dict[str, Any] = {}  # loaded states of sinks this session does not run
+        self._observers: list[Callable[[dict[str, Any], int], dict[str, Any]]] = []
+
+    def observe(self, observer: Callable[[dict[str, Any], int], dict[str, Any]]) -> None:
+        """Show ``observer(record, step)`` every record logged from now on (media left out); what it
+        returns (a diagnostic event, or ``{}``) is logged at the same step, to the sinks only."""
+        self._observers.append(observer)
 
     def get(self, name: str) -> BaseLogger | None:
         return next((sink for sink in self.sinks if sink.name == name), None)
@@ -149,6 +155,10 @@ class Loggers:
             sent = record if sink.takes_media else plain
             if sent:
                 self._call(sink, "log", lambda sink=sink, sent=sent: sink.log(sent, step))
+        for observer in self._observers:
+            if plain and (event := observer(plain, step)):
+                for sink in self._active():
+                    self._call(sink, "log", lambda sink=sink, event=event: sink.log(event, step))
 
     def summary(self, values: dict[str, Any]) -> None:
         for sink in self._active():

@@ -1,0 +1,582 @@
+"""The guide's rules of thumb as code (``wandb_setup_guide.md``: "Rigorously Analyzing Parameters",
+"Using W&B for Debugging"): each rule is a pure function over a run's history that returns the
+first point where its condition holds, with the evidence, or None.
+
+The same functions run in two places: during training on the main process (:class:`DiagnosticsMonitor`,
+on each logged record) and in ``mmtrain report`` (:func:`diagnose_run`, on ``metrics.jsonl``). Every
+condition is stated over the records up to and including the one where it fires (a spike against the
+*previous* ``window`` records, ``n`` records *in a row*), so judging a run as it grows and judging it
+afterwards name the same step. Thresholds are ``DiagnosticsConfig`` fields; the README's Diagnostics
+table states each rule.
+
+Light on purpose (numpy and the standard library): the report imports it without torch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mmtrain.config import Config, DiagnosticsConfig
+from mmtrain.loggers import Loggers
+
+# The report's panels a finding links to (``index.html#panel-<panel>``).
+PANELS = ("loss", "components", "latent", "gradients", "hardware", "lr", "captions", "throughput")
+
+Series = tuple[np.ndarray, np.ndarray]  # (optimizer steps, int64), (values, float64; NaN = not finite)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One rule that fired: at optimizer ``step``, with the numbers that made it fire (``evidence``:
+    the values read and the threshold they crossed) and the report panel that shows them."""
+
+    rule: str
+    step: int
+    severity: str  # "warning": likely a problem to fix; "info": worth a look
+    message: str
+    evidence: dict[str, float]
+    panel: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _number(value: Any) -> float | None:
+    """A record value as a float (metrics.jsonl writes NaN as null: that is NaN again), or None
+    for what is not a number (media references, text)."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+class History:
+    """A run's logged values by metric: ``series(name)`` is (steps, values) in step order.
+
+    Built from records (``metrics.jsonl`` lines, or what the trainer logs): a training-window
+    record and an epoch record may share a step, and any record may miss any metric.
+    """
+
+    def __init__(self, columns: Mapping[str, Series], first: Mapping[str, float] | None = None) -> None:
+        self._columns = dict(columns)
+        # The first value ever logged per metric: a baseline that a tail of the history still knows.
+        self.first = dict(first or {name: float(v[0]) for name, (_, v) in self._columns.items() if len(v)})
+
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping[str, Any]]) -> History:
+        steps: dict[str, list[int]] = {}
+        values: dict[str, list[float]] = {}
+        for record in records:
+            step = record.get("step")
+            if not isinstance(step, int):
+                continue
+            for key, raw in record.items():
+                if key != "step" and (value := _number(raw)) is not None:
+                    steps.setdefault(key, []).append(step)
+                    values.setdefault(key, []).append(value)
+        return cls({k: (np.asarray(steps[k], dtype=np.int64), np.asarray(values[k], dtype=np.float64))
+                    for k in steps})
+
+    def series(self, name: str) -> Series:
+        empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
+        return self._columns.get(name, empty)
+
+    def names(self) -> list[str]:
+        return list(self._columns)
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """The configured schedule (mmtrain.optim.build_scheduler): linear warmup from 0 to ``peak`` over
+    ``warmup`` optimizer steps, then a half cosine to ``floor`` at step ``total``."""
+
+    peak: float
+    floor: float
+    warmup: int
+    total: int
+
+    def at(self, step: int) -> float:
+        """The rate optimizer step ``step`` (1-based) runs with: the schedule at index step - 1,
+        the schedule sized to total - 1 indices (transformers' cosine-with-min-lr formula)."""
+        i, decay = step - 1, max(1, self.total - 1 - self.warmup)
+        if i < self.warmup:
+            return self.peak * i / max(1, self.warmup)
+        progress = (i - self.warmup) / decay
+        rate = self.floor / self.peak if self.peak else 0.0
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.peak * max(0.0, factor * (1 - rate) + rate)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the rules need besides the history: each loss component's weight in ``total_loss``
+    (``{"loss_image": 1.0, ...}``), the configured LR schedule (None: unknown, not judged) and
+    the number of ranks."""
+
+    loss_weights: Mapping[str, float]
+    lr_schedule: LrSchedule | None = None
+    world_size: int = 1
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], history: History | None = None) -> RunContext:
+        """From a run's ``config.yaml`` (nested sections). The schedule's length is not in the config
+        (it depends on the data), so it is read off the history: ``epoch = step / steps_per_epoch``."""
+        model, optim, train = (config.get(s) or {} for s in ("model", "optim", "train"))
+        weights = {f"loss_{k.removesuffix('_loss_weight')}": float(v) for k, v in model.items()
+                   if k.endswith("_loss_weight")}
+        schedule = None
+        if history is not None and "lr" in optim:
+            steps, epochs = history.series("epoch")
+            per_epoch = [s / e for s, e in zip(steps, epochs, strict=True) if e > 0]
+            if per_epoch:
+                total = round(float(np.median(per_epoch))) * int(train.get("epochs", 1))
+                if train.get("max_steps"):
+                    total = min(total, int(train["max_steps"]))
+                schedule = LrSchedule(float(optim["lr"]), float(optim.get("min_lr", 0.0)),
+                                      int(optim.get("warmup_steps", 0)), total)
+        ranks = {name.split("/")[1] for name in (history.names() if history else []) if name.startswith("hw/rank")}
+        return cls(weights, schedule, max(1, len(ranks)))
+
+
+Rule = Callable[[History, DiagnosticsConfig, RunContext], "Finding | None"]
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    return np.isfinite(values)
+
+
+def _first_run(mask: np.ndarray, length: int) -> int | None:
+    """Index where ``mask`` has been True for ``length`` entries in a row for the first time."""
+    count = 0
+    for i, hit in enumerate(mask):
+        count = count + 1 if hit else 0
+        if count >= length:
+            return i
+    return None
+
+
+def gradient_explosion(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
+    """A spike: ``grad_norm`` or ``grad_max`` above ``explosion_factor`` × its median over the previous
+    ``window`` records (at least ``min_logs`` of them); or divergence: ``total_loss`` above
+    ``explosion_factor`` × its lowest earlier value. Clipping bounds each update, not the gradient
+    of a model that has already blown up: an absurd learning rate shows in the loss first."""
+    hits = []
+    for name in ("grad_norm", "grad_max"):
+        steps, values = h.series(name)
+        for i in range(t.min_logs, len(values)):
+            before = values[max(0, i - t.window):i]
+            before = before[_finite(before)]
+            if len(before) < t.min_logs or not math.isfinite(values[i]):
+                continue
+            median = float(np.median(before))
+            if median > 0 and values[i] > t.explosion_factor * median:
+                hits.append((int(steps[i]), name, float(values[i]), median, "its rolling median"))
+                break
+    steps, loss = h.series("total_loss")
+    lowest = np.fmin.accumulate(loss) if len(loss) else loss
+    for i in range(1, len(loss)):
+        if math.isfinite(loss[i]) and lowest[i - 1] > 0 and loss[i] > t.explosion_factor * lowest[i - 1]:
+            hits.append((int(steps[i]), "total_loss", float(loss[i]), float(lowest[i - 1]), "its lowest earlier value"))
+            break
+    if not hits:
+        return None
+    step, name, value, base, what = min(hits)
+    return Finding("gradient_explosion", step, "warning",
+                   f"gradient explosion at step {step}: {name} {value:.4g} is {value / base:.1f}x {what} "
+                   f"{base:.4g} (threshold {t.explosion_factor:g}x); lower optim.lr or optim.max_grad_norm",
+                   {name: value, "baseline": base, "threshold": t.explosion_factor * base}, "gradients")
+
+
+def vanishing_gradients(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
+    """``grad_norm`` below ``vanishing_grad_norm`` for ``vanishing_logs`` records in a row."""
+    steps, values = h.series("grad_norm")
+    i = _first_run(values < t.vanishing_grad_norm, t.vanishing_logs)
+    if i is None:
+        return None
+    return Finding("vanishing_gradients", int(steps[i]), "warning",
+                   f"vanishing gradients at step {steps[i]}: grad_norm {values[i]:.3g} below "
+                   f"{t.vanishing_grad_norm:g} for {t.vanishing_logs} records in a row",
+                   {"grad_norm": float(values[i]), "threshold": t.vanishing_grad_norm}, "gradients")
+
+
+def _rising(values: np.ndarray, n: int) -> np.ndarray:
+    """Per index: the value rose in each of the last ``n`` steps of the series."""
+    up = np.zeros(len(values), dtype=bool)
+    up[1:] = values[1:] > values[:-1]
+    out = np.zeros(len(values), dtype=bool)
+    for i in range(n, len(values)):
+        out[i] = bool(up[i - n + 1:i + 1].all())
+    return out
+
+
+def overfitting(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
+    """Validation loss above the epoch's training loss, and the gap (val − train) or
+    ``val_train_loss_ratio`` rising in each of the last ``overfit_epochs`` epochs."""
+    steps, val = h.series("val/total_loss")
+    train_steps, train = h.series("epoch_train_loss_avg")
+    if len(val) != len(train) or not np.array_equal(steps, train_steps):
+        return None
+    gap = val - train
+    ratio_steps, ratio = h.series("val_train_loss_ratio")
+    ratio_up = _rising(ratio, t.overfit_epochs) if np.array_equal(ratio_steps, steps) else np.zeros(len(gap), bool)
+    fired = (gap > 0) & (_rising(gap, t.overfit_epochs) | ratio_up)
+    if not fired.any():
+        return None
+    i = int(np.argmax(fired))
+    n = t.overfit_epochs
+    return Finding("overfitting", int(steps[i]), "warning",
+                   f"overfitting at step {steps[i]}: the val - train loss gap grew for {n} epochs in a row, "
+                   f"{gap[i - n]:.4g} -> {gap[i]:.4g} (val {val[i]:.4g}, train {train[i]:.4g}); "
+                   "add data or regularisation, or stop earlier",
+                   {"val_loss": float(val[i]), "train_loss": float(train[i]), "gap": float(gap[i]),
+                    "gap_before": float(gap[i - n]), "epochs": float(n)}, "loss")
+
+
+def latent_collapse(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
+    """``latent_std`` below ``latent_collapse_std``: every image maps to nearly the same latent."""
+    steps, std = h.series("latent_std")
+    low = np.flatnonzero(std < t.latent_collapse_std)
+    if not len(low):
+        return None
+    i = int(low[0])
+    return Finding("latent_collapse", int(steps[i]), "warning",
+                   f"latent collapse at step {steps[i]}: latent_std {std[i]:.3g} below {t.latent_collapse_std:g}",
+                   {"latent_std": float(std[i]), "threshold": t.latent_collapse_std}, "latent")
+
+
+def latent_blowup(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
+    """``latent_std`` above ``latent_blowup_factor`` × its first logged value, or not finite."""
+    steps, std = h.series("latent_std")
+    first = h.first.get("latent_std")
+    if first is None or not math.isfinite(first) or first <= 0:
+        return None
+    limit = t.latent_blowup_factor * first
+    bad = np.flatnonzero(~_finite(std) | (std > limit))
+    if not len(bad):
+        return None
+    i = int(bad[0])
+    return Finding("latent_blowup", int(steps[i]), "warning",
+                   f"latent blow-up at step {steps[i]}: latent_std {std[i]:.4g} is over {t.latent_blowup_factor:g}x "
+                   f"its first value {first:.4g}",
+                   {"latent_std": float(std[i]), "first_latent_std": first, "threshold": limit}, "latent")
+
+
+def latent_drift(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
+    """|``latent_mean``| above ``latent_mean_ratio`` × ``latent_std`` for ``latent_mean_logs`` records
+    in a row: the latents should hover around 0 relative to their spread."""
+    steps, mean = h.series("latent_mean")
+    std_steps, std = h.series("latent_std")
+    if not np.array_equal(steps, std_steps):
+        return None
+    i = _first_run(np.abs(mean) > t.latent_mean_ratio * std, t.latent_mean_logs)
+    if i is None:
+        return None
+    return Finding("latent_drift", int(steps[i]), "info",
+                   f"latent mean drift at step {steps[i]}: |latent_mean| {abs(mean[i]):.4g} above "
+                   f"{t.latent_mean_ratio:g} x latent_std {std[i]:.4g} for {t.latent_mean_logs} records in a row",
+                   {"latent_mean": float(mean[i]), "latent_std": float(std[i]), "ratio": t.latent_mean_ratio},
+                   "latent")
+
+
+def lr_schedule(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
+    """Logged ``learning_rate`` off the configured schedule by more than ``lr_tolerance`` × peak."""
+    schedule = ctx.lr_schedule
+    if schedule is None:
+        return None
+    steps, lr = h.series("learning_rate")
+    for step, value in zip(steps, lr, strict=True):
+        expected = schedule.at(int(step))
+        if abs(value - expected) > t.lr_tolerance * schedule.peak:
+            return Finding("lr_schedule", int(step), "warning",
+                           f"learning-rate schedule off its configured shape at step {step}: learning_rate "
+                           f"{value:.4g}, the warmup + cosine schedule gives {expected:.4g}",
+                           {"learning_rate": float(value), "expected": expected,
+                            "tolerance": t.lr_tolerance * schedule.peak}, "lr")
+    return None
+
+
+def caption_stagnation(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
+    """Validation ``caption_accuracy`` not above (or ``caption_perplexity`` not below) its best of the
+    earlier epochs for ``caption_epochs`` epochs."""
+    n = t.caption_epochs
+    hits = []
+    for name, better in (("val/caption_accuracy", np.greater), ("val/caption_perplexity", np.less)):
+        steps, values = h.series(name)
+        best = np.maximum.accumulate if better is np.greater else np.minimum.accumulate
+        for i in range(n, len(values)):
+            earlier = best(values[:i - n + 1])[-1]
+            recent = values[i - n + 1:i + 1]
+            if not better(recent, earlier).any():
+                hits.append((int(steps[i]), name, float(earlier), float(values[i])))
+                break
+    if not hits:
+        return None
+    step, name, earlier, now = min(hits)
+    return Finding("caption_stagnation", step, "warning",
+                   f"captions not improving at step {step}: {name} has not beaten its earlier best {earlier:.4g} "
+                   f"for {n} epochs (now {now:.4g})",
+                   {name: now, "earlier_best": earlier, "epochs": float(n)}, "captions")
+
+
+def loss_dominance(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
+    """One weighted loss component at least ``dominance_share`` of ``total_loss`` (the weighted sum)
+    for ``dominance_logs`` training records in a row."""
+    parts = {}
+    for name, weight in ctx.loss_weights.items():
+        steps, values = h.series(name)
+        if len(values):
+            parts[name] = (steps, weight * values)
+    if len(parts) < 2 or len({len(s) for s, _ in parts.values()}) != 1:
+        return None
+    names = list(parts)
+    steps = parts[names[0]][0]
+    weighted = np.stack([parts[n][1] for n in names])  # (components, records)
+    total = weighted.sum(axis=0)
+    share = np.divide(weighted, total, out=np.zeros_like(weighted), where=total > 0)
+    top = share.argmax(axis=0)
+    dominant = share.max(axis=0) >= t.dominance_share
+    # In a row for the same component: a run where two components take turns is not dominated.
+    for c, name in enumerate(names):
+        i = _first_run(dominant & (top == c), t.dominance_logs)
+        if i is not None:
+            what = name.removeprefix("loss_")
+            return Finding("loss_dominance", int(steps[i]), "warning",
+                           f"{name} dominates total_loss at step {steps[i]}: {share[c, i]:.0%} of it for "
+                           f"{t.dominance_logs} records in a row (threshold {t.dominance_share:.0%}); the {what} "
+                           f"objective needs work, or model.{what}_loss_weight is out of balance",
+                           {"share": float(share[c, i]), "weight": float(ctx.loss_weights[name]),
+                            "threshold": t.dominance_share}, "components")
+    return None
+
+
+def gpu_memory(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
+    """The busiest rank's device memory above ``gpu_memory_high`` percent (risk of OOM), or below
+    ``gpu_memory_low`` percent for ``min_logs`` records in a row (the guide: aim for ~80–90%)."""
+    steps, pct = h.series("hw/max/gpu_memory_percent")
+    high = np.flatnonzero(pct > t.gpu_memory_high)
+    low = _first_run(pct < t.gpu_memory_low, t.min_logs)
+    if len(high) and (low is None or high[0] <= low):
+        i = int(high[0])
+        return Finding("gpu_memory", int(steps[i]), "warning",
+                       f"GPU memory at {pct[i]:.0f}% of the device at step {steps[i]} (above {t.gpu_memory_high:g}%): "
+                       "close to out of memory; lower train.batch_size",
+                       {"gpu_memory_percent": float(pct[i]), "threshold": t.gpu_memory_high}, "hardware")
+    if low is not None:
+        return Finding("gpu_memory", int(steps[low]), "info",
+                       f"GPU memory at {pct[low]:.0f}% of the device (below {t.gpu_memory_low:g}% for {t.min_logs} "
+                       "records): the GPU has room for a larger train.batch_size (aim ~80-90%)",
+                       {"gpu_memory_percent": float(pct[low]), "threshold": t.gpu_memory_low}, "hardware")
+    return None
+
+
+def _rolling_median_above(h: History, name: str, t: DiagnosticsConfig, limit: float) -> tuple[int, float] | None:
+    """First index whose median over the last ``window`` records (at least ``min_logs``) exceeds ``limit``."""
+    _, values = h.series(name)
+    for i in range(t.min_logs - 1, len(values)):
+        recent = values[max(0, i - t.window + 1):i + 1]
+        recent = recent[_finite(recent)]
+        if len(recent) >= t.min_logs and (median := float(np.median(recent))) > limit:
+            return i, median
+    return None
+
+
+def data_wait(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
+    """The slowest rank's share of step time spent waiting for data: median over the last ``window``
+    records above ``data_wait_share``."""
+    name = "hw/max/data_wait_fraction" if len(h.series("hw/max/data_wait_fraction")[1]) else "data_wait_fraction"
+    hit = _rolling_median_above(h, name, t, t.data_wait_share)
+    if hit is None:
+        return None
+    i, median = hit
+    step = int(h.series(name)[0][i])
+    return Finding("data_wait", step, "warning",
+                   f"input-bound at step {step}: {median:.0%} of step time waits for data (median of the last "
+                   f"{t.window} records; threshold {t.data_wait_share:.0%}); raise data.num_workers",
+                   {"data_wait_fraction": median, "threshold": t.data_wait_share}, "throughput")
+
+
+def straggler(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
+    """Step time of the slowest rank over the mean of all ranks: median over the last ``window``
+    records above ``straggler_ratio`` (only with several ranks)."""
+    if ctx.world_size < 2:
+        return None
+    hit = _rolling_median_above(h, "hw/imbalance_step_time", t, t.straggler_ratio)
+    if hit is None:
+        return None
+    i, median = hit
+    step = int(h.series("hw/imbalance_step_time")[0][i])
+    return Finding("straggler", step, "warning",
+                   f"straggler rank at step {step}: the slowest rank's step time is {median:.2f}x the mean "
+                   f"(threshold {t.straggler_ratio:g}x); compare hw/rank*/step_time",
+                   {"imbalance_step_time": median, "threshold": t.straggler_ratio}, "hardware")
+
+
+def nonfinite_steps(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
+    """An optimizer step skipped for a non-finite loss or gradient (``nonfinite_step`` event), or a
+    non-finite ``total_loss`` in a record."""
+    candidates = []
+    steps, events = h.series("nonfinite_step")
+    if len(events):
+        candidates.append(int(steps[0]))
+    steps, loss = h.series("total_loss")
+    bad = np.flatnonzero(~_finite(loss))
+    if len(bad):
+        candidates.append(int(steps[bad[0]]))
+    if not candidates:
+        return None
+    step = min(candidates)
+    _, totals = h.series("nonfinite_steps")
+    count = float(np.nanmax(totals)) if len(totals) else 1.0
+    return Finding("nonfinite_steps", step, "warning",
+                   f"non-finite loss or gradient at step {step} ({count:.0f} step(s) so far were skipped); "
+                   "lower optim.lr, or use bf16 instead of fp16",
+                   {"nonfinite_steps": count}, "loss")
+
+
+RULES: dict[str, Rule] = {
+    "gradient_explosion": gradient_explosion,
+    "vanishing_gradients": vanishing_gradients,
+    "overfitting": overfitting,
+    "latent_collapse": latent_collapse,
+    "latent_blowup": latent_blowup,
+    "latent_drift": latent_drift,
+    "lr_schedule": lr_schedule,
+    "caption_stagnation": caption_stagnation,
+    "loss_dominance": loss_dominance,
+    "gpu_memory": gpu_memory,
+    "data_wait": data_wait,
+    "straggler": straggler,
+    "nonfinite_steps": nonfinite_steps,
+}
+
+
+def diagnose(history: History, thresholds: DiagnosticsConfig, context: RunContext) -> list[Finding]:
+    """Every rule's first finding, in step order."""
+    found = [f for rule in RULES.values() if (f := rule(history, thresholds, context)) is not None]
+    return sorted(found, key=lambda f: (f.step, f.rule))
+
+
+def thresholds_from(config: Mapping[str, Any]) -> DiagnosticsConfig:
+    """The run's own thresholds (its config.yaml's ``diagnostics`` section, when it has one)."""
+    known = {f.name for f in fields(DiagnosticsConfig)}
+    given = config.get("diagnostics") or {}
+    return DiagnosticsConfig(**{k: v for k, v in given.items() if k in known})
+
+
+def diagnose_run(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> list[Finding]:
+    """The findings of one run from its ``metrics.jsonl`` lines and its ``config.yaml`` (parsed)."""
+    history = History.from_records(records)
+    return diagnose(history, thresholds_from(config), RunContext.from_config(config, history))
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def _kept(key: str) -> bool:
+    """The metrics the rules read (per-rank and per-module columns are left out: the rules use
+    the max/mean/imbalance columns)."""
+    return not key.startswith(("hw/rank", "hw/mean/", "grad_norm/", "learning_rate/", "media/", "diagnostics/"))
+
+
+def event(finding: Finding) -> dict[str, float]:
+    """The record a finding is logged as: ``diagnostics/<rule>`` = 1 and each piece of evidence as
+    ``diagnostics/<rule>/<name>`` (scalars, so that every logger can take them)."""
+    return {f"diagnostics/{finding.rule}": 1.0,
+            **{f"diagnostics/{finding.rule}/{k}": float(v) for k, v in finding.evidence.items()}}
+
+
+class DiagnosticsMonitor:
+    """The rules during training: after each logged record (:meth:`observe`), every rule that has
+    not fired yet is judged on the recent history. A rule fires once per run: ``emit`` gets the
+    finding (to alert and print it), its :func:`event` is returned to be logged at that step, and
+    :meth:`findings` lists it for the summary.
+
+    Only a tail of each training series is kept (the rules look back at most ``window`` records or
+    ``n`` in a row), so the cost per log step does not grow with the run. Epoch series are kept
+    whole (one value per epoch). The state (findings and tails) is saved with each checkpoint, so a
+    resumed run neither repeats a finding nor forgets the records before it.
+    """
+
+    def __init__(self, thresholds: DiagnosticsConfig, context: RunContext,
+                 emit: Callable[[Finding], None] = lambda finding: None, active: bool = True) -> None:
+        self.thresholds, self.context, self.emit, self.active = thresholds, context, emit, active
+        t = thresholds
+        self._tail = 1 + max(t.window, t.min_logs, t.vanishing_logs, t.latent_mean_logs, t.dominance_logs)
+        self._steps: dict[str, deque[int]] = {}
+        self._values: dict[str, deque[float]] = {}
+        self._first: dict[str, float] = {}
+        self._fired: dict[str, Finding] = {}
+
+    def observe(self, record: Mapping[str, Any], step: int) -> dict[str, float]:
+        """Add ``record`` (logged at ``step``) and judge the rules; returns the events of the new
+        findings, to log at the same step (``{}`` when none fired)."""
+        if not self.active:
+            return {}
+        for key, raw in record.items():
+            if not _kept(key) or (value := _number(raw)) is None:
+                continue
+            if key not in self._values:
+                # Epoch metrics arrive once per epoch and the epoch rules compare against every
+                # earlier epoch: those are kept whole.
+                length = None if key.startswith(("val/", "epoch_", "val_train")) else self._tail
+                self._steps[key], self._values[key] = deque(maxlen=length), deque(maxlen=length)
+                self._first[key] = value
+            self._steps[key].append(step)
+            self._values[key].append(value)
+        history = History({k: (np.asarray(self._steps[k], dtype=np.int64), np.asarray(self._values[k]))
+                           for k in self._values}, self._first)
+        events: dict[str, float] = {}
+        for name, rule in RULES.items():
+            if name in self._fired:
+                continue
+            finding = rule(history, self.thresholds, self.context)
+            if finding is not None:
+                self._fired[name] = finding
+                self.emit(finding)
+                events.update(event(finding))
+        return events
+
+    def findings(self) -> list[dict[str, Any]]:
+        """Every finding so far, as JSON-able dicts in step order (for ``summary.json``)."""
+        return [f.to_dict() for f in sorted(self._fired.values(), key=lambda f: (f.step, f.rule))]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fired": self.findings(), "first": self._first,
+                "series": {k: [list(self._steps[k]), list(self._values[k])] for k in self._values}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._fired = {f["rule"]: Finding(**f) for f in state.get("fired", [])}
+        self._first = dict(state.get("first", {}))
+        for key, (steps, values) in state.get("series", {}).items():
+            length = None if key.startswith(("val/", "epoch_", "val_train")) else self._tail
+            self._steps[key], self._values[key] = deque(steps, maxlen=length), deque(values, maxlen=length)
+
+
+def build_diagnostics(is_main: bool, cfg: Config, total_steps: int, world_size: int,
+                      loggers: Loggers) -> DiagnosticsMonitor:
+    """The run's monitor, watching every record the main process logs. A finding is printed once,
+    sent as an alert (``diagnostics.alerts``; W&B rate-limits by title), and logged as its event.
+    Inactive on the other ranks and with ``diagnostics.enabled`` false (its state is still saved)."""
+    t = cfg.diagnostics
+    context = RunContext({f"loss_{k.removesuffix('_loss_weight')}": float(v) for k, v in asdict(cfg.model).items()
+                          if k.endswith("_loss_weight")},
+                         LrSchedule(cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, total_steps), world_size)
+
+    def emit(finding: Finding) -> None:
+        tqdm.write(f"mmtrain: diagnostics: {finding.message}", file=sys.stdout)
+        if t.alerts:
+            level = "WARN" if finding.severity == "warning" else "INFO"
+            loggers.alert(f"mmtrain: {finding.rule}", finding.message, level, 60.0 * t.alert_wait_minutes)
+
+    monitor = DiagnosticsMonitor(t, context, emit, active=is_main and t.enabled)
+    loggers.observe(monitor.observe)
+    return monitor

@@ -4,7 +4,9 @@ what the run says about itself: the run config every logger records and the fina
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,18 @@ DATA_LOGISTICS = ("data.num_workers", "data.cache_dir")
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:
     return {f"{section}.{k}": v for section, values in config.items() for k, v in (values or {}).items()}
+
+
+def for_sweep_agent(cfg: Config) -> Config:
+    """``cfg``, or under ``wandb agent`` (WANDB_SWEEP_ID and WANDB_RUN_ID set, the same on every rank) ``cfg``
+    with ``train.output_dir`` = ``<train.output_dir>/<WANDB_RUN_ID>``: each run the agent starts has its own
+    folder, so the second one is not refused as "already holds a run", and a run the agent gives again (same
+    id) finds its own checkpoints."""
+    run_id = os.environ.get("WANDB_RUN_ID", "")
+    if not os.environ.get("WANDB_SWEEP_ID") or run_id in ("", ".", "..") or "/" in run_id or os.sep in run_id:
+        return cfg
+    train = dataclasses.replace(cfg.train, output_dir=str(Path(cfg.train.output_dir) / run_id))
+    return dataclasses.replace(cfg, train=train)
 
 
 def config_differences(saved: dict[str, Any], current: Config, processes: int = 1) -> tuple[list[str], list[str]]:

@@ -40,13 +40,13 @@ from mmtrain.resilience import (
     memory_figures,
     stop_lines,
 )
-from mmtrain.run_dir import check_same_run, final_report, prepare_output_dir, run_config, run_summary
+from mmtrain.run_dir import check_same_run, final_report, for_sweep_agent, prepare_output_dir, run_config, run_summary
 from mmtrain.telemetry import EPOCH_METRICS, Telemetry
 
 
 class Trainer:
     def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
+        self.cfg = cfg = for_sweep_agent(cfg)  # under `wandb agent`: <output_dir>/<run id>, a folder per run
         self.accelerator = acc = build_accelerator(cfg.train)
         self.output_dir = Path(cfg.train.output_dir).expanduser()
         self.state = TrainState()

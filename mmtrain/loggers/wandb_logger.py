@@ -158,22 +158,29 @@ class WandbLogger(BaseLogger):
             self._define_epoch_metrics()
 
     def _init_wandb(self, run_config: dict[str, Any]):  # -> wandb Run | None
-        """A W&B run in ``self.mode``, else offline, else ``None`` (disabled); one warning if not as asked."""
+        """A W&B run in ``self.mode``, else offline, else ``None`` (disabled); one warning if not as asked.
+
+        Under ``wandb agent`` (WANDB_SWEEP_ID set) the run is the agent's: its id (WANDB_RUN_ID) in the sweep's
+        project. No project, entity or id is passed then (wandb 0.31 ignores them in a sweep, with a warning:
+        ``clear_run_path_if_sweep_or_launch``), and under ``wandb.mode: auto`` no mode either: wandb decides
+        from the agent's environment, as for any program an agent runs."""
         import wandb
 
         cfg, run_id = self.cfg, self.run_id
+        agent = bool(os.environ.get("WANDB_SWEEP_ID"))
 
-        def start(mode: str):
+        def start(mode: str | None):
             return wandb.init(
-                project=cfg.project, entity=cfg.entity, name=cfg.name, tags=cfg.tags or None,
-                config=run_config, dir=str(self.output_dir), mode=mode, id=run_id,
-                resume="allow" if run_id else None,
+                project=None if agent else cfg.project, entity=None if agent else cfg.entity, name=cfg.name,
+                group=cfg.group, tags=cfg.tags or None, config=run_config, dir=str(self.output_dir), mode=mode,
+                id=None if agent else run_id, resume="allow" if run_id else None,
                 settings=wandb.Settings(init_timeout=cfg.init_timeout, silent=True, console="off"),
             )
 
         timeout = cfg.init_timeout + self.init_grace_s
         failures = []
-        for mode in dict.fromkeys([self.mode, "offline"]):
+        first = None if agent and cfg.mode == "auto" else self.mode
+        for mode in dict.fromkeys([first, "offline"]):
             try:
                 # A hang inside wandb.init (DNS, a proxy, a wedged wandb-core) must not stall the job,
                 # and wandb's own init_timeout does not cover every wait; so we bound it ourselves.
@@ -184,14 +191,17 @@ class WandbLogger(BaseLogger):
                 # No second attempt: the stuck init still holds wandb's process-wide state (its
                 # singleton setup, the service connection, the active-run slot), and a second
                 # wandb.init would wait on the same state or race it. Disabled is the safe answer.
-                failures.append(f"{mode}: {e}")
+                failures.append(f"{mode or 'the agent mode'}: {e}")
                 break
             except Exception as e:  # network, auth, server timeout: offline needs none of them
-                failures.append(f"{mode}: {_describe(e)}")
+                failures.append(f"{mode or 'the agent mode'}: {_describe(e)}")
                 continue
             if failures:
                 warnings.warn(f"W&B init failed ({'; '.join(failures)}); logging {mode} instead. "
                               "Upload later with `wandb sync`.", stacklevel=3)
+            if mode is None:  # the agent's choice: read back from the run
+                mode = "disabled" if getattr(run, "disabled", False) else \
+                    "offline" if getattr(run, "offline", False) else "online"
             self.mode = mode
             return run
         warnings.warn(f"W&B init failed ({'; '.join(failures)}); W&B is disabled for this run, "

@@ -304,11 +304,11 @@ class DiagnosticsConfig:
                                      "total_loss ...")
     dominance_logs: int = _f(5, "... for this many records in a row.")
     gpu_memory_high: float = _f(90.0, "GPU memory: peak device memory above this percent of the device ...")
-    gpu_memory_low: float = _f(30.0, "... or every reading below this percent once min_logs records exist.")
+    gpu_memory_low: float = _f(30.0, "... or below this percent for min_logs records in a row.")
     data_wait_share: float = _f(0.10, "Input-bound: median data_wait_fraction of the slowest rank over the "
                                       "last `window` records above this.")
-    straggler_ratio: float = _f(1.2, "Straggler: median max/mean step time across ranks over the last `window` "
-                                     "records above this.")
+    straggler_ratio: float = _f(1.2, "Straggler: median over the last `window` records of the slowest rank's "
+                                     "step time / the mean of all ranks above this.")
 
     def __post_init__(self) -> None:
         s = "diagnostics"

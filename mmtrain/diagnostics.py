@@ -18,7 +18,7 @@ import math
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -59,17 +59,36 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+@dataclass(frozen=True)
+class Dropped:
+    """What a tail of a series no longer holds: how many values came before it, their minimum and sum."""
+
+    count: int = 0
+    low: float = math.inf
+    total: float = 0.0
+
+
 class History:
     """A run's logged values by metric: ``series(name)`` is (steps, values) in step order.
 
     Built from records (``metrics.jsonl`` lines, or what the trainer logs): a training-window
-    record and an epoch record may share a step, and any record may miss any metric.
+    record and an epoch record may share a step, and any record may miss any metric. The training
+    monitor holds only the tail of each series; ``first`` (the first finite value ever logged) and
+    ``dropped`` (what came before the tail) keep what the rules need from the rest, and a rule that
+    looks back ``window`` records judges a tail only where its look-back is whole.
     """
 
-    def __init__(self, columns: Mapping[str, Series], first: Mapping[str, float] | None = None) -> None:
+    def __init__(self, columns: Mapping[str, Series], first: Mapping[str, float] | None = None,
+                 dropped: Mapping[str, Dropped] | None = None) -> None:
         self._columns = dict(columns)
-        # The first value ever logged per metric: a baseline that a tail of the history still knows.
-        self.first = dict(first or {name: float(v[0]) for name, (_, v) in self._columns.items() if len(v)})
+        if first is None:
+            first = {}
+            for name, (_, v) in self._columns.items():
+                finite = v[np.isfinite(v)]
+                if len(finite):
+                    first[name] = float(finite[0])
+        self.first = dict(first)
+        self.dropped = dict(dropped or {})
 
     @classmethod
     def from_records(cls, records: Iterable[Mapping[str, Any]]) -> History:
@@ -92,6 +111,22 @@ class History:
 
     def names(self) -> list[str]:
         return list(self._columns)
+
+    def start(self, name: str, look_back: int, minimum: int = 0) -> int:
+        """The first index of ``series(name)`` a rule that looks back ``look_back`` values may judge:
+        ``minimum`` in a whole series, ``look_back`` in a tail (whose earlier values are gone)."""
+        return max(minimum, look_back) if self.dropped.get(name, Dropped()).count else minimum
+
+    def aligned(self, *names: str) -> tuple[np.ndarray, ...]:
+        """(steps, values of each name) at the steps where every one of ``names`` was logged."""
+        steps = self.series(names[0])[0]
+        for name in names[1:]:
+            steps = np.intersect1d(steps, self.series(name)[0])
+        out = [steps]
+        for name in names:
+            s, v = self.series(name)
+            out.append(v[np.searchsorted(s, steps)] if len(steps) else v[:0])
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -172,7 +207,7 @@ def gradient_explosion(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Fin
     hits = []
     for name in ("grad_norm", "grad_max"):
         steps, values = h.series(name)
-        for i in range(t.min_logs, len(values)):
+        for i in range(h.start(name, t.window, t.min_logs), len(values)):
             before = values[max(0, i - t.window):i]
             before = before[_finite(before)]
             if len(before) < t.min_logs or not math.isfinite(values[i]):
@@ -182,10 +217,11 @@ def gradient_explosion(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Fin
                 hits.append((int(steps[i]), name, float(values[i]), median, "its rolling median"))
                 break
     steps, loss = h.series("total_loss")
-    lowest = np.fmin.accumulate(loss) if len(loss) else loss
-    for i in range(1, len(loss)):
-        if math.isfinite(loss[i]) and lowest[i - 1] > 0 and loss[i] > t.explosion_factor * lowest[i - 1]:
-            hits.append((int(steps[i]), "total_loss", float(loss[i]), float(lowest[i - 1]), "its lowest earlier value"))
+    # lowest[i]: the lowest loss before index i, counting what a tail no longer holds.
+    lowest = np.fmin.accumulate(np.r_[h.dropped.get("total_loss", Dropped()).low, loss])
+    for i in range(len(loss)):
+        if math.isfinite(loss[i]) and 0 < lowest[i] < math.inf and loss[i] > t.explosion_factor * lowest[i]:
+            hits.append((int(steps[i]), "total_loss", float(loss[i]), float(lowest[i]), "its lowest earlier value"))
             break
     if not hits:
         return None
@@ -221,24 +257,22 @@ def _rising(values: np.ndarray, n: int) -> np.ndarray:
 def overfitting(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
     """Validation loss above the epoch's training loss, and the gap (val − train) or
     ``val_train_loss_ratio`` rising in each of the last ``overfit_epochs`` epochs."""
-    steps, val = h.series("val/total_loss")
-    train_steps, train = h.series("epoch_train_loss_avg")
-    if len(val) != len(train) or not np.array_equal(steps, train_steps):
-        return None
+    n = t.overfit_epochs
+    steps, val, train = h.aligned("val/total_loss", "epoch_train_loss_avg")
     gap = val - train
-    ratio_steps, ratio = h.series("val_train_loss_ratio")
-    ratio_up = _rising(ratio, t.overfit_epochs) if np.array_equal(ratio_steps, steps) else np.zeros(len(gap), bool)
-    fired = (gap > 0) & (_rising(gap, t.overfit_epochs) | ratio_up)
+    ratio = val / np.where(train != 0, train, np.nan)  # val_train_loss_ratio, as the epoch record defines it
+    gap_up, ratio_up = _rising(gap, n), _rising(ratio, n)
+    fired = (gap > 0) & (gap_up | ratio_up)
     if not fired.any():
         return None
     i = int(np.argmax(fired))
-    n = t.overfit_epochs
+    what = "the val - train loss gap" if gap_up[i] else "val_train_loss_ratio"
+    before, now = (gap[i - n], gap[i]) if gap_up[i] else (ratio[i - n], ratio[i])
     return Finding("overfitting", int(steps[i]), "warning",
-                   f"overfitting at step {steps[i]}: the val - train loss gap grew for {n} epochs in a row, "
-                   f"{gap[i - n]:.4g} -> {gap[i]:.4g} (val {val[i]:.4g}, train {train[i]:.4g}); "
-                   "add data or regularisation, or stop earlier",
+                   f"overfitting at step {steps[i]}: {what} grew for {n} epochs in a row, {before:.4g} -> {now:.4g} "
+                   f"(val {val[i]:.4g}, train {train[i]:.4g}); add data or regularisation, or stop earlier",
                    {"val_loss": float(val[i]), "train_loss": float(train[i]), "gap": float(gap[i]),
-                    "gap_before": float(gap[i - n]), "epochs": float(n)}, "loss")
+                    "before": float(before), "epochs": float(n)}, "loss")
 
 
 def latent_collapse(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
@@ -256,10 +290,8 @@ def latent_collapse(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Findin
 def latent_blowup(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
     """``latent_std`` above ``latent_blowup_factor`` × its first logged value, or not finite."""
     steps, std = h.series("latent_std")
-    first = h.first.get("latent_std")
-    if first is None or not math.isfinite(first) or first <= 0:
-        return None
-    limit = t.latent_blowup_factor * first
+    first = h.first.get("latent_std", math.nan)
+    limit = t.latent_blowup_factor * first if first > 0 else math.inf
     bad = np.flatnonzero(~_finite(std) | (std > limit))
     if not len(bad):
         return None
@@ -273,10 +305,7 @@ def latent_blowup(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding 
 def latent_drift(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
     """|``latent_mean``| above ``latent_mean_ratio`` × ``latent_std`` for ``latent_mean_logs`` records
     in a row: the latents should hover around 0 relative to their spread."""
-    steps, mean = h.series("latent_mean")
-    std_steps, std = h.series("latent_std")
-    if not np.array_equal(steps, std_steps):
-        return None
+    steps, mean, std = h.aligned("latent_mean", "latent_std")
     i = _first_run(np.abs(mean) > t.latent_mean_ratio * std, t.latent_mean_logs)
     if i is None:
         return None
@@ -288,13 +317,28 @@ def latent_drift(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding |
 
 
 def lr_schedule(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
-    """Logged ``learning_rate`` off the configured schedule by more than ``lr_tolerance`` × peak."""
-    schedule = ctx.lr_schedule
-    if schedule is None:
+    """Logged ``learning_rate`` off the configured schedule by more than ``lr_tolerance`` × peak.
+
+    Each record is judged against the schedule of its own session (``total_optimizer_steps``, which
+    a resume may change). Under fp16 a step the loss scaler skipped does not advance the schedule:
+    the ``skipped_steps`` of the records so far shift it back (those of the record's own window may
+    or may not precede its step, so any shift in between is accepted)."""
+    base = ctx.lr_schedule
+    if base is None:
         return None
     steps, lr = h.series("learning_rate")
-    for step, value in zip(steps, lr, strict=True):
-        expected = schedule.at(int(step))
+    total_steps, totals = h.series("total_optimizer_steps")
+    total_at = dict(zip(total_steps.tolist(), totals.tolist(), strict=True))
+    skip_steps, skips = h.series("skipped_steps")
+    skipped = np.cumsum(np.nan_to_num(skips)) + h.dropped.get("skipped_steps", Dropped()).total
+    skipped_at = dict(zip(skip_steps.tolist(), zip(skipped - np.nan_to_num(skips), skipped, strict=True),
+                          strict=True))
+    for step, value in zip(steps.tolist(), lr.tolist(), strict=True):
+        total = total_at.get(step)
+        schedule = base if total is None or not math.isfinite(total) else replace(base, total=int(total))
+        before, upto = skipped_at.get(step, (0.0, 0.0))
+        candidates = [schedule.at(step - k) for k in range(int(before), int(upto) + 1)]
+        expected = min(candidates, key=lambda e: abs(value - e))
         if abs(value - expected) > t.lr_tolerance * schedule.peak:
             return Finding("lr_schedule", int(step), "warning",
                            f"learning-rate schedule off its configured shape at step {step}: learning_rate "
@@ -330,16 +374,11 @@ def caption_stagnation(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Fin
 def loss_dominance(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
     """One weighted loss component at least ``dominance_share`` of ``total_loss`` (the weighted sum)
     for ``dominance_logs`` training records in a row."""
-    parts = {}
-    for name, weight in ctx.loss_weights.items():
-        steps, values = h.series(name)
-        if len(values):
-            parts[name] = (steps, weight * values)
-    if len(parts) < 2 or len({len(s) for s, _ in parts.values()}) != 1:
+    names = [name for name in ctx.loss_weights if len(h.series(name)[1])]
+    if len(names) < 2:
         return None
-    names = list(parts)
-    steps = parts[names[0]][0]
-    weighted = np.stack([parts[n][1] for n in names])  # (components, records)
+    steps, *values = h.aligned(*names)
+    weighted = np.stack([ctx.loss_weights[n] * v for n, v in zip(names, values, strict=True)])  # (components, records)
     total = weighted.sum(axis=0)
     share = np.divide(weighted, total, out=np.zeros_like(weighted), where=total > 0)
     top = share.argmax(axis=0)
@@ -381,7 +420,7 @@ def gpu_memory(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | N
 def _rolling_median_above(h: History, name: str, t: DiagnosticsConfig, limit: float) -> tuple[int, float] | None:
     """First index whose median over the last ``window`` records (at least ``min_logs``) exceeds ``limit``."""
     _, values = h.series(name)
-    for i in range(t.min_logs - 1, len(values)):
+    for i in range(h.start(name, t.window - 1, t.min_logs - 1), len(values)):
         recent = values[max(0, i - t.window + 1):i + 1]
         recent = recent[_finite(recent)]
         if len(recent) >= t.min_logs and (median := float(np.median(recent))) > limit:
@@ -405,19 +444,24 @@ def data_wait(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | No
 
 
 def straggler(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
-    """Step time of the slowest rank over the mean of all ranks: median over the last ``window``
-    records above ``straggler_ratio`` (only with several ranks)."""
+    """The slowest rank's step time over the mean of all ranks (``hw/max/step_time`` /
+    ``hw/mean/step_time``): median over the last ``window`` records above ``straggler_ratio``
+    (only with several ranks)."""
     if ctx.world_size < 2:
         return None
-    hit = _rolling_median_above(h, "hw/imbalance_step_time", t, t.straggler_ratio)
+    steps, slowest, mean = h.aligned("hw/max/step_time", "hw/mean/step_time")
+    ratio = slowest / np.where(mean > 0, mean, np.nan)
+    ratios = History({"straggler": (steps, ratio)}, dropped={"straggler": h.dropped.get("hw/max/step_time", Dropped())})
+    hit = _rolling_median_above(ratios, "straggler", t, t.straggler_ratio)
     if hit is None:
         return None
     i, median = hit
-    step = int(h.series("hw/imbalance_step_time")[0][i])
+    step = int(steps[i])
     return Finding("straggler", step, "warning",
                    f"straggler rank at step {step}: the slowest rank's step time is {median:.2f}x the mean "
-                   f"(threshold {t.straggler_ratio:g}x); compare hw/rank*/step_time",
-                   {"imbalance_step_time": median, "threshold": t.straggler_ratio}, "hardware")
+                   f"(median of the last {t.window} records; threshold {t.straggler_ratio:g}x); compare "
+                   "hw/rank*/step_time",
+                   {"slowest_over_mean_step_time": median, "threshold": t.straggler_ratio}, "hardware")
 
 
 def nonfinite_steps(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
@@ -484,7 +528,14 @@ def diagnose_run(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]
 def _kept(key: str) -> bool:
     """The metrics the rules read (per-rank and per-module columns are left out: the rules use
     the max/mean/imbalance columns)."""
-    return not key.startswith(("hw/rank", "hw/mean/", "grad_norm/", "learning_rate/", "media/", "diagnostics/"))
+    return key == "hw/mean/step_time" or not key.startswith(
+        ("hw/rank", "hw/mean/", "grad_norm/", "learning_rate/", "media/", "diagnostics/"))
+
+
+def _whole(key: str) -> bool:
+    """Epoch metrics arrive once per epoch and the epoch rules compare against every earlier epoch:
+    the monitor keeps them whole."""
+    return key.startswith(("val/", "epoch_", "val_train"))
 
 
 def event(finding: Finding) -> dict[str, float]:
@@ -501,9 +552,12 @@ class DiagnosticsMonitor:
     :meth:`findings` lists it for the summary.
 
     Only a tail of each training series is kept (the rules look back at most ``window`` records or
-    ``n`` in a row), so the cost per log step does not grow with the run. Epoch series are kept
-    whole (one value per epoch). The state (findings and tails) is saved with each checkpoint, so a
-    resumed run neither repeats a finding nor forgets the records before it.
+    ``n`` in a row), with what the rules need from the values before it (:class:`Dropped`), so the
+    cost per log step does not grow with the run. Epoch series are kept whole (one value per epoch).
+    Only a finding at the step just logged is taken: the rule did not hold at any earlier step when
+    that step was logged, so an earlier hit can only come from a look-back the tail has cut. The
+    state (findings and tails) is saved with each checkpoint, so a resumed run neither repeats a
+    finding nor forgets the records before it.
     """
 
     def __init__(self, thresholds: DiagnosticsConfig, context: RunContext,
@@ -514,7 +568,22 @@ class DiagnosticsMonitor:
         self._steps: dict[str, deque[int]] = {}
         self._values: dict[str, deque[float]] = {}
         self._first: dict[str, float] = {}
+        self._dropped: dict[str, Dropped] = {}
         self._fired: dict[str, Finding] = {}
+
+    def _add(self, key: str, step: int, value: float) -> None:
+        if key not in self._values:
+            length = None if _whole(key) else self._tail
+            self._steps[key], self._values[key] = deque(maxlen=length), deque(maxlen=length)
+        values = self._values[key]
+        if values.maxlen is not None and len(values) == values.maxlen:
+            d, old = self._dropped.get(key, Dropped()), values[0]
+            self._dropped[key] = Dropped(d.count + 1, float(np.fmin(d.low, old)),
+                                         d.total + (old if math.isfinite(old) else 0.0))
+        if key not in self._first and math.isfinite(value):
+            self._first[key] = value
+        self._steps[key].append(step)
+        values.append(value)
 
     def observe(self, record: Mapping[str, Any], step: int) -> dict[str, float]:
         """Add ``record`` (logged at ``step``) and judge the rules; returns the events of the new
@@ -522,24 +591,16 @@ class DiagnosticsMonitor:
         if not self.active:
             return {}
         for key, raw in record.items():
-            if not _kept(key) or (value := _number(raw)) is None:
-                continue
-            if key not in self._values:
-                # Epoch metrics arrive once per epoch and the epoch rules compare against every
-                # earlier epoch: those are kept whole.
-                length = None if key.startswith(("val/", "epoch_", "val_train")) else self._tail
-                self._steps[key], self._values[key] = deque(maxlen=length), deque(maxlen=length)
-                self._first[key] = value
-            self._steps[key].append(step)
-            self._values[key].append(value)
+            if _kept(key) and (value := _number(raw)) is not None:
+                self._add(key, step, value)
         history = History({k: (np.asarray(self._steps[k], dtype=np.int64), np.asarray(self._values[k]))
-                           for k in self._values}, self._first)
+                           for k in self._values}, self._first, self._dropped)
         events: dict[str, float] = {}
         for name, rule in RULES.items():
             if name in self._fired:
                 continue
             finding = rule(history, self.thresholds, self.context)
-            if finding is not None:
+            if finding is not None and finding.step == step:
                 self._fired[name] = finding
                 self.emit(finding)
                 events.update(event(finding))
@@ -551,13 +612,15 @@ class DiagnosticsMonitor:
 
     def state_dict(self) -> dict[str, Any]:
         return {"fired": self.findings(), "first": self._first,
+                "dropped": {k: asdict(d) for k, d in self._dropped.items()},
                 "series": {k: [list(self._steps[k]), list(self._values[k])] for k in self._values}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._fired = {f["rule"]: Finding(**f) for f in state.get("fired", [])}
         self._first = dict(state.get("first", {}))
+        self._dropped = {k: Dropped(**d) for k, d in state.get("dropped", {}).items()}
         for key, (steps, values) in state.get("series", {}).items():
-            length = None if key.startswith(("val/", "epoch_", "val_train")) else self._tail
+            length = None if _whole(key) else self._tail
             self._steps[key], self._values[key] = deque(steps, maxlen=length), deque(values, maxlen=length)
 
 

@@ -262,6 +262,7 @@ class Telemetry:
             "batch_size": cfg.train.batch_size,
             "effective_batch_size": cfg.train.batch_size * acc.num_processes * cfg.train.gradient_accumulation_steps,
             "optimizer_step": step,
+            "total_optimizer_steps": self.total_steps,  # the schedule's length, which a resume may change
             "samples_seen": samples_seen,
             "samples_per_second": samples / rows[0]["counts"]["elapsed"] if rows[0]["counts"]["elapsed"] > 0 else 0.0,
             **hardware_record(rows),

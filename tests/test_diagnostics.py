@@ -44,7 +44,7 @@ def healthy(n: int = 40, **columns) -> list[dict]:
             "step": 10 * (i + 1), "total_loss": 5.0 - 0.05 * i, "loss_image": 0.5, "loss_caption": 2.0,
             "loss_alignment": 2.0, "grad_norm": 3.0 + rng.uniform(-0.5, 0.5), "grad_max": 0.3 + rng.uniform(0, 0.1),
             "latent_mean": 0.05, "latent_std": 1.0 + 0.01 * i, "hw/max/data_wait_fraction": 0.02,
-            "hw/imbalance_step_time": 1.02, "hw/max/gpu_memory_percent": 82.0})
+            "hw/max/step_time": 0.102, "hw/mean/step_time": 0.1, "hw/max/gpu_memory_percent": 82.0})
         for name, values in columns.items():
             records[-1][name] = values[i]
     return records
@@ -175,10 +175,13 @@ def test_data_wait_and_straggler_use_the_rolling_median():
     # The median of the last 20 records passes 10% once half of them are 0.3 (index 19: (0.02 + 0.3) / 2).
     assert fired(healthy(**{"hw/max/data_wait_fraction": wait}))["data_wait"] == 200
     assert "data_wait" not in fired(healthy(**{"hw/max/data_wait_fraction": [0.09, 0.09, 0.5] * 14}), window=5)
-    imbalance = [1.0] * 10 + [1.5] * 30
+    slowest = [0.1] * 10 + [0.15] * 30  # over the mean of all ranks, 0.1
     two_ranks = RunContext(WEIGHTS, world_size=2)
-    assert fired(healthy(**{"hw/imbalance_step_time": imbalance}), two_ranks)["straggler"] == 200
-    assert "straggler" not in fired(healthy(**{"hw/imbalance_step_time": imbalance}))  # one rank
+    assert fired(healthy(**{"hw/max/step_time": slowest}), two_ranks)["straggler"] == 200
+    assert "straggler" not in fired(healthy(**{"hw/max/step_time": slowest}))  # one rank
+    # max/min would be 1.43 here (one rank 30% faster than seven others); max/mean is 1.04: no straggler.
+    assert "straggler" not in fired(healthy(**{"hw/max/step_time": [0.1] * 40,
+                                               "hw/mean/step_time": [0.09625] * 40}), two_ranks)
 
 
 def test_nonfinite_steps_from_events_or_a_nan_loss():
@@ -202,6 +205,103 @@ def problem_records() -> list[dict]:
         line = next(x for x in records if x["step"] == r["step"])
         line.update(r)
     return records
+
+
+def monitor_findings(records: list[dict], ctx: RunContext = CTX, t: DiagnosticsConfig = T) -> dict[str, int]:
+    seen = []
+    monitor = DiagnosticsMonitor(t, ctx, seen.append)
+    for r in records:
+        monitor.observe({k: v for k, v in r.items() if k != "step"}, r["step"])
+    return {f.rule: f.step for f in seen}
+
+
+def test_a_tail_judges_only_where_its_look_back_is_whole():
+    """A burst of slow data loading mid-run, and a spike after a high plateau, that the whole history
+    does not flag: the monitor, which keeps only a tail, must not flag them either."""
+    burst = [{"step": s, "data_wait_fraction": 0.5 if 16 <= s <= 20 else 0.0} for s in range(1, 60)]
+    norms = [100.0] * 15 + [1.0] * 5 + [50.0] * 40
+    spike = [{"step": i + 1, "grad_norm": v} for i, v in enumerate(norms)]
+    for records in (burst, spike):
+        assert fired(records) == {} and monitor_findings(records) == {}
+
+
+def test_the_monitor_remembers_the_lowest_loss_its_tail_dropped():
+    losses = [10.0, 3.0, 1.0, 0.3, 0.1] + [0.5] * 30 + [1.5]  # 1.5 > 10 x 0.1, 31 records after it
+    records = [{"step": i + 1, "total_loss": v} for i, v in enumerate(losses)]
+    assert fired(records) == monitor_findings(records) == {"gradient_explosion": 36}
+
+
+def test_rules_align_series_by_step():
+    """A record without one of the series a rule pairs up: the pairs still match by step."""
+    records = healthy(loss_caption=[20.0] * 40, loss_alignment=[1.0] * 40)
+    del records[3]["loss_image"]  # step 40: the fifth record with all three is step 60
+    assert fired(records)["loss_dominance"] == 60 == monitor_findings(records)["loss_dominance"]
+    records = healthy(latent_mean=[0.05] * 10 + [1.5] * 30)
+    del records[12]["latent_std"]
+    assert fired(records)["latent_drift"] == 160 == monitor_findings(records)["latent_drift"]
+
+
+def test_the_monitor_and_the_offline_pass_agree_on_random_histories():
+    """Spikes, bursts, plateaus, NaNs and missing values at random: the record-by-record monitor
+    with its tails names the same rules at the same steps as the whole history."""
+    rng = np.random.default_rng(1)
+    schedule = LrSchedule(1e-3, 0.0, 5, 800)
+    ctx = RunContext(WEIGHTS, schedule, world_size=2)
+    compared = 0
+    for _ in range(40):
+        n = int(rng.integers(20, 80))
+        records = healthy(n)
+        for i, r in enumerate(records):
+            r["learning_rate"] = schedule.at(r["step"])
+            r["hw/max/step_time"] = 0.1 * (1.5 if rng.random() < 0.4 else 1.0)
+            r["hw/max/data_wait_fraction"] = 0.3 if rng.random() < 0.35 else 0.02
+            r["grad_norm"] *= 20.0 if rng.random() < 0.04 else 1.0
+            r["total_loss"] *= 12.0 if rng.random() < 0.03 else 1.0
+            r["latent_mean"] = 2.0 if rng.random() < 0.5 else 0.05
+            if rng.random() < 0.05:
+                r["grad_max"] = math.nan
+            if rng.random() < 0.05:
+                del r["latent_std"]
+            if i % 7 == 6:
+                e = i // 7
+                r.update({"epoch_train_loss_avg": 5.0 - 0.5 * e, "val/total_loss": 4.0 - 0.1 * e * rng.random(),
+                          "val/caption_accuracy": rng.random()})
+        offline = fired(records, ctx)
+        assert monitor_findings(records, ctx) == offline
+        compared += len(offline)
+    assert compared > 80  # the histories do make rules fire
+
+
+def test_lr_schedule_follows_a_resume_that_changed_the_schedule_and_fp16_skips():
+    """Steps logged before a resume with more epochs followed the shorter schedule; a step the fp16
+    loss scaler skipped did not advance the schedule. Neither is a finding; a real deviation is."""
+    short, long = LrSchedule(1e-3, 0.0, 0, 100), LrSchedule(1e-3, 0.0, 0, 200)
+    records = [{"step": s, "learning_rate": short.at(s), "total_optimizer_steps": 100} for s in range(10, 51, 10)]
+    records += [{"step": s, "learning_rate": long.at(s), "total_optimizer_steps": 200} for s in range(60, 201, 10)]
+    ctx = RunContext(WEIGHTS, long)
+    assert "lr_schedule" not in fired(records, ctx)
+    assert "lr_schedule" not in monitor_findings(records, ctx)
+    records[8]["total_optimizer_steps"] = 100  # a record claiming the old schedule with the new rates
+    assert fired(records, ctx)["lr_schedule"] == 90
+    # fp16: 3 skipped steps in the window ending at step 30 (before or at it), none later.
+    s = LrSchedule(1e-3, 0.0, 0, 60)
+    records = [{"step": 10, "learning_rate": s.at(10), "skipped_steps": 0},
+               {"step": 20, "learning_rate": s.at(20), "skipped_steps": 0},
+               {"step": 30, "learning_rate": s.at(28), "skipped_steps": 3},
+               {"step": 40, "learning_rate": s.at(37), "skipped_steps": 0}]
+    assert "lr_schedule" not in fired(records, RunContext(WEIGHTS, s))
+    records[3]["learning_rate"] = s.at(40)  # as if the skips had advanced the schedule after all
+    assert fired(records, RunContext(WEIGHTS, s))["lr_schedule"] == 40
+
+
+def test_summary_json_stays_valid_json_with_non_finite_evidence(tmp_path):
+    from mmtrain.loggers.jsonl import JsonlLogger
+
+    sink = JsonlLogger(tmp_path)
+    sink.summary({"findings": [{"evidence": {"latent_std": math.nan, "x": math.inf}}]})
+    text = (tmp_path / "summary.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["findings"][0]["evidence"] == {"latent_std": None, "x": 1e308}
 
 
 def test_the_training_monitor_names_what_the_offline_pass_names():

@@ -17,9 +17,14 @@ from mmtrain.loggers.base import BaseLogger, Image, Table, is_media
 
 
 def _jsonable(value: Any) -> Any:
-    """JSON has no NaN or infinity: NaN becomes null, ±inf the largest finite double."""
+    """JSON has no NaN or infinity: NaN becomes null, ±inf the largest finite double (inside lists
+    and dicts too: a finding's evidence may hold a NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
     return value
 
 

@@ -1,0 +1,531 @@
+"""Finding and reading run folders for ``mmtrain report``.
+
+A run folder is what ``mmtrain train`` writes: ``config.yaml``, ``metrics.jsonl`` (one JSON object
+per logged optimizer step, complete across resumes), ``summary.json`` once the run has ended, and
+``media/``. A run still in progress is read as it is: no summary yet, and a last line that may be
+cut off mid-write (skipped).
+
+Reading is the expensive part of a report (a 100-run sweep of 10,000 logged steps is ~3 GB of JSON),
+so each run is read in one pass by :func:`load_run`, in worker processes when there is enough to
+read, and that pass also writes the run's rows of ``history.csv`` and runs the diagnostics (both
+need the parsed lines, which are too big to send back to the parent).
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from mmtrain.errors import UserError
+
+METRICS = "metrics.jsonl"
+SEED_KEY = "train.seed"
+
+# Config fields that say where and how a run was recorded, not what was trained: they never make two
+# runs "different configs" (a sweep's trials all differ in output_dir and wandb.name).
+BOOKKEEPING_PREFIXES = ("wandb.", "log.", "checkpoint.", "diagnostics.")
+BOOKKEEPING_FIELDS = frozenset({
+    "train.output_dir", "train.resume", "train.overwrite", "train.progress_bar", "train.requeue",
+    "train.eval_batch_size",  # validation values do not depend on it (README)
+    "data.cache_dir", "data.num_workers",  # where the data is cached / how it is loaded, not which data
+})
+
+# Past this much metrics.jsonl the runs are read in parallel worker processes (below it, starting
+# them costs more than it saves).
+PARALLEL_BYTES = 16 * 2**20
+
+
+@dataclass
+class RunData:
+    """One run as the report uses it. ``series`` holds the metrics the charts draw as
+    ``(steps int64, values float32)`` (float32 halves what workers send back; it is only drawn);
+    ``last`` holds the last logged value of every numeric metric at full precision."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    flat: dict[str, Any]
+    summary: dict[str, Any]
+    status: str  # "finished", "in progress", or the summary's own status (e.g. "preempted")
+    n_records: int = 0
+    last_step: int = 0
+    skipped_lines: int = 0
+    series: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    last: dict[str, float] = field(default_factory=dict)
+    media: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # key -> [(step, path in run folder)]
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    findings_source: str = "diagnose_run"  # or "summary.json" (diagnostics module unavailable) or "none"
+    diagnostics_error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds spent in this run's read, by phase
+
+    @property
+    def final_val_loss(self) -> float | None:
+        """The run's final validation total loss: summary.json's, else the last logged ``val/total_loss``
+        (a run in progress), else None (no validation yet)."""
+        value = self.summary.get("final_validation_loss")
+        if value is None:
+            value = self.last.get("val/total_loss")
+        return _finite(value)
+
+    @property
+    def final_train_loss(self) -> float | None:
+        value = self.summary.get("final_train_loss")
+        return _finite(self.last.get("total_loss") if value is None else value)
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------------------------- finding runs
+
+def _is_run(folder: Path) -> bool:
+    return (folder / METRICS).is_file()
+
+
+def find_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The run folders named by ``paths``: a folder holding ``metrics.jsonl`` is a run; any other
+    folder is searched for runs one and two levels down (a sweep folder of ``trial-NNN`` runs, or a
+    folder of sweeps). A ``metrics.jsonl`` file stands for its folder. Order: as given, then by name.
+
+    Raises UserError (one line naming the path and what to give instead) for a path that does not
+    exist or holds no run."""
+    found: list[Path] = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if not path.exists():
+            raise UserError(f"{str(given)!r}: no such file or folder; give run folders (holding {METRICS}) "
+                            "or sweep folders holding run folders")
+        if path.is_file():
+            if path.name != METRICS:
+                raise UserError(f"{str(given)!r} is a file; give a run folder (holding {METRICS}) or a sweep folder")
+            path = path.parent
+        if _is_run(path):
+            found.append(path)
+            continue
+        runs: list[Path] = []
+        for child in _subfolders(path):
+            if _is_run(child):
+                runs.append(child)
+            else:
+                runs.extend(grandchild for grandchild in _subfolders(child) if _is_run(grandchild))
+        if not runs:
+            raise UserError(f"{str(given)!r} holds no runs: no {METRICS} in it or in its subfolders 2 levels down; "
+                            "give a folder written by 'mmtrain train' (its --train.output_dir) or 'mmtrain sweep'")
+        found.extend(runs)
+    unique: dict[Path, Path] = {}
+    for run in found:
+        unique.setdefault(run.resolve(), run)
+    return list(unique.values())
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        children = sorted(folder.iterdir())
+    except OSError as e:
+        raise UserError(f"{str(folder)!r}: cannot list this folder ({e.strerror or e}); "
+                        "check its permissions") from None
+    # A run's own subfolders (checkpoints, model, wandb, media...) never hold runs; hidden ones are tools'.
+    return [c for c in children if c.is_dir() and not c.name.startswith(".")]
+
+
+def run_names(paths: Sequence[Path]) -> list[str]:
+    """Short unique names: the folder name, with as many parent folders as needed to tell runs apart
+    (``trial-003``; ``a/trial-000`` and ``b/trial-000``). When two names clash, every run of the
+    folders involved gets the longer name, so the runs of one sweep are named alike."""
+    parts = [p.resolve().parts for p in paths]
+    depth = [1] * len(paths)
+    while True:
+        names = ["/".join(parts[i][-depth[i]:]) for i in range(len(paths))]
+        clashes = {i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])}
+        if not clashes:
+            return names
+        folders = {parts[i][:len(parts[i]) - depth[i]] for i in clashes}
+        for i in range(len(paths)):
+            if parts[i][:len(parts[i]) - depth[i]] in folders and depth[i] < len(parts[i]):
+                depth[i] += 1
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+def flatten_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``{"optim": {"lr": 1e-3}}`` -> ``{"optim.lr": 1e-3}`` (lists become tuples, so values compare and hash)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = tuple(value) if isinstance(value, list) else value
+
+    walk("", config)
+    return flat
+
+
+def is_bookkeeping(key: str) -> bool:
+    """True for config fields that do not change what is trained (see BOOKKEEPING_*)."""
+    return key in BOOKKEEPING_FIELDS or key.startswith(BOOKKEEPING_PREFIXES)
+
+
+def varying_params(flats: Sequence[dict[str, Any]], include_seed: bool = False) -> list[str]:
+    """Config fields (dotted names) whose value differs between the runs, bookkeeping left out, and
+    ``train.seed`` left out unless ``include_seed`` (seeds are the spread, not a parameter). A field
+    missing from some runs (an older config) counts as varying."""
+    keys = sorted({k for flat in flats for k in flat})
+    out = []
+    for key in keys:
+        if is_bookkeeping(key) or (key == SEED_KEY and not include_seed):
+            continue
+        values = {_hashable(flat.get(key, MISSING)) for flat in flats}
+        if len(values) > 1:
+            out.append(key)
+    return out
+
+
+MISSING = "<missing>"
+
+
+def _hashable(value: Any) -> Any:
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
+
+
+def read_config(run: Path) -> dict[str, Any]:
+    """The run's ``config.yaml`` (``Config.to_yaml()``) as a nested dict. Raises UserError naming the
+    file and the fix when it is missing or unreadable."""
+    path = run / "config.yaml"
+    fix = ("copy it back from one of the run's checkpoints (checkpoints/step_*/config.yaml), "
+           "or leave this run out of the report")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing, so the run's parameters are unknown; {fix}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e}); {fix}") from None
+    try:
+        config = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise UserError(f"{path}: not valid YAML{at}; {fix}") from None
+    if not isinstance(config, dict) or not all(isinstance(v, dict) or v is None for v in config.values()):
+        raise UserError(f"{path}: not an mmtrain config (sections of fields); {fix}")
+    return {k: (v or {}) for k, v in config.items()}
+
+
+def read_summary(run: Path) -> dict[str, Any] | None:
+    """summary.json, or None for a run that has not written it yet (or is writing it right now)."""
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+def _parse_lines(text: str) -> tuple[list[dict[str, Any]], list[str], int]:
+    """(records, their lines, lines skipped). A line that is not a JSON object with an integer ``step``
+    is skipped: the last line of a run in progress may be cut off mid-write."""
+    records, lines, skipped = [], [], 0
+    loads = json.loads
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = loads(line)
+        except ValueError:
+            skipped += 1
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            skipped += 1
+            continue
+        records.append(rec)
+        lines.append(line)
+    return records, lines, skipped
+
+
+def csv_field(text: str) -> str:
+    """One CSV field (RFC 4180 quoting, only when needed)."""
+    if any(c in text for c in ',"\n\r'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def _csv_value(value: Any) -> str | None:
+    """A logged value as history.csv writes it: numbers as in metrics.jsonl (Python's repr, which is what
+    json wrote), a logged NaN (JSON null) as ``nan``; text, booleans and media references are not
+    numbers (as for mmtrain.diagnostics): None."""
+    if value is None:
+        return "nan"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value)
+    return None
+
+
+def history_rows(run_name: str, records: Sequence[dict[str, Any]], lines: Sequence[str],
+                 plain: Sequence[bool] | None = None, nulls: bool = True) -> str:
+    """The run's rows of history.csv (``run,step,metric,value``), every numeric value of every line.
+
+    Most lines hold only numbers, and json wrote each number as ``repr`` does, so those lines are
+    turned into rows with a few string operations on the line itself instead of formatting every
+    number again (several times faster; at 100 runs x 10,000 lines it is 80 million rows). Lines with
+    anything else (media references, text, booleans, names that json escapes) are written from the
+    parsed values, with the same result. ``plain[i]`` says line i is one of the first kind (columns_of
+    knows it from the parsed values); without it each line's text is checked. ``nulls`` False says no
+    plain line holds a null (a logged NaN), which spares a pass over the text."""
+    run = csv_field(run_name)
+    if plain is None:
+        plain = [_plain_text(line) for line in lines]
+    out: list[str] = []
+    for rec, line, simple in zip(records, lines, plain, strict=True):
+        prefix = f"{run},{rec['step']},"
+        if simple and line.startswith('{"step": '):
+            parts = line[1:-1].replace('": ', ",").split(', "')[1:]
+            if parts:
+                out.append(prefix + ("\n" + prefix).join(parts) + "\n")
+            continue
+        for k, v in rec.items():
+            if k == "step":
+                continue
+            value = _csv_value(v)
+            if value is not None:
+                out.append(f"{prefix}{csv_field(k)},{value}\n")
+    text = "".join(out)
+    # JSON null (a logged NaN) went through the fast path as the word null.
+    return text.replace(",null\n", ",nan\n") if nulls else text
+
+
+def _plain_text(line: str) -> bool:
+    """Whether a metrics.jsonl line is a flat object of numbers whose names need no escaping, judged
+    on its text: no string, object, list, boolean or escape in it, and every comma separates entries."""
+    return (line.startswith('{"step": ') and line.endswith("}") and line.find("{", 1) < 0 and '": "' not in line
+            and "[" not in line and "\\" not in line and ": true" not in line and ": false" not in line
+            and line.count(",") == line.count(', "'))
+
+
+def _plain_name(key: str) -> bool:
+    """A metric name json writes as it is and that needs no quoting in CSV."""
+    return key.isascii() and key.isprintable() and not any(c in key for c in ',"\\')
+
+
+_NUMBER_TYPES = {int, float, type(None)}
+
+
+def columns_of(records: Sequence[dict[str, Any]]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
+                                                            dict[str, list[tuple[int, str]]], np.ndarray, bool]:
+    """Every numeric metric of one run's records as ``{name: (steps int64, values float64)}`` in file
+    order (a logged NaN, JSON null, is NaN; text, booleans and media references are not numbers), the
+    media references ``{key: [(step, path in the run folder)]}``, which records hold only numbers under
+    plain names (history_rows' fast path), and whether any of those holds a null.
+
+    Lines with the same keys (every training-window line of a run) become one 2-D array at once
+    instead of value by value; a group holding anything but numbers (the epoch-end lines with media
+    references) is read column by column."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, rec in enumerate(records):
+        groups.setdefault(tuple(rec), []).append(i)
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    media: dict[str, list[tuple[int, str]]] = {}
+    plain = np.zeros(len(records), dtype=bool)
+    nulls = False
+    for keys, idx in groups.items():
+        rows = [list(records[i].values()) for i in idx]
+        index = np.asarray(idx, dtype=np.int64)
+        table = None
+        # Exactly numbers and nulls (numpy would also take "1.5" and True as numbers, json does not).
+        if set(map(type, itertools.chain.from_iterable(rows))) <= _NUMBER_TYPES:
+            table = np.array(rows, dtype=np.float64)  # None (a logged NaN) becomes nan
+        if table is not None:
+            if all(map(_plain_name, keys)):
+                plain[index] = True
+                nulls = nulls or bool(np.isnan(table).any())
+            for j, k in enumerate(keys):
+                parts.setdefault(k, []).append((index, table[:, j]))
+            continue
+        for j, k in enumerate(keys):
+            values = [row[j] for row in rows]
+            numeric = [v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values]
+            if any(numeric):
+                mask = np.asarray(numeric)
+                parts.setdefault(k, []).append(
+                    (index[mask], np.array([v for v, n in zip(values, numeric, strict=True) if n], dtype=np.float64)))
+            for i, v in zip(idx, values, strict=True):
+                if isinstance(v, dict) and isinstance(v.get("path"), str) and "_type" in v:
+                    media.setdefault(k, []).append((records[i]["step"], v["path"]))
+    steps_of = np.asarray([rec["step"] for rec in records], dtype=np.int64)
+    columns = {}
+    for k, chunks in parts.items():
+        if k == "step":
+            continue
+        where = np.concatenate([w for w, _ in chunks])
+        values = np.concatenate([v for _, v in chunks])
+        order = np.argsort(where, kind="stable")
+        columns[k] = (steps_of[where[order]], values[order])
+    for k in media:
+        media[k].sort()
+    return columns, media, plain, nulls
+
+
+def drawn_series(columns: dict[str, tuple[np.ndarray, np.ndarray]], keep: Callable[[str], bool]
+                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The columns ``keep`` selects, for drawing: one value per step (should a file ever hold a step
+    twice, the later line wins, as a resume would have it) and float32 (a quarter less to send back
+    from a worker; a chart needs no more)."""
+    series = {}
+    for k, (steps, values) in columns.items():
+        if not keep(k) or not len(steps):
+            continue
+        if len(steps) > 1 and np.any(np.diff(steps) <= 0):
+            order = np.argsort(steps, kind="stable")
+            steps, values = steps[order], values[order]
+            later = np.append(steps[1:] != steps[:-1], True)
+            steps, values = steps[later], values[later]
+        series[k] = (steps, values.astype(np.float32))
+    return series
+
+
+def _diagnose(records: list[dict[str, Any]], columns: dict[str, tuple[np.ndarray, np.ndarray]],
+              config: dict[str, Any], summary: dict[str, Any] | None) -> tuple[list[dict[str, Any]], str, str | None]:
+    """(findings as dicts, where they come from, error text). The rules are mmtrain.diagnostics' (the
+    same functions training runs); without that module the findings summary.json recorded are shown.
+
+    ``diagnose_run(records, config)`` would first rebuild the columns already read here value by value
+    (a quarter of a second per 10,000 lines); so when the module has its History/diagnose parts, the
+    history is handed over as columns: the same rules on the same numbers (tests/test_report.py checks
+    the two agree)."""
+    recorded = [f for f in (summary or {}).get("findings") or [] if isinstance(f, dict)]
+    try:
+        diagnostics = importlib.import_module("mmtrain.diagnostics")
+    except ImportError:
+        return recorded, ("summary.json" if recorded else "none"), None
+    try:
+        parts = ("History", "diagnose", "thresholds_from", "RunContext")
+        if all(hasattr(diagnostics, p) for p in parts):
+            history = diagnostics.History(columns)
+            found = diagnostics.diagnose(history, diagnostics.thresholds_from(config),
+                                         diagnostics.RunContext.from_config(config, history))
+        else:
+            found = diagnostics.diagnose_run(records, config)
+        return [f.to_dict() for f in found], "diagnose_run", None
+    except Exception as e:  # a rule failing on one odd run must not cost the whole report: shown on the page
+        return recorded, ("summary.json" if recorded else "none"), f"{type(e).__name__}: {e}"
+
+
+def load_run(path: Path, name: str, keep: Callable[[str], bool], history: Path | None = None,
+             diagnose: bool = True) -> RunData:
+    """Read one run folder: config, summary, the metrics (series to draw where ``keep(name)``, the last
+    value of every metric, media references), its findings, and, if ``history`` is given, append its
+    history.csv rows to it. Raises UserError for a missing or unreadable config.yaml or metrics.jsonl."""
+    t0 = time.perf_counter()
+    config = read_config(path)
+    summary = read_summary(path)
+    try:
+        text = (path / METRICS).read_text(errors="replace")
+    except OSError as e:
+        raise UserError(f"{path / METRICS}: cannot be read ({e.strerror or e}); check its permissions") from None
+    records, lines, skipped = _parse_lines(text)
+    del text
+    t1 = time.perf_counter()
+    columns, media, plain, nulls = columns_of(records)
+    t2 = time.perf_counter()
+    if history is not None:
+        append_text(history, history_rows(name, records, lines, plain.tolist(), nulls))
+    del lines
+    t3 = time.perf_counter()
+    findings, source, error = _diagnose(records, columns, config, summary) if diagnose else ([], "none", None)
+    t4 = time.perf_counter()
+    status = "in progress" if summary is None else str(summary.get("status") or "finished")
+    last = {k: float(v[-1]) for k, (_, v) in columns.items() if len(v)}
+    return RunData(
+        name=name, path=path, config=config, flat=flatten_config(config), summary=summary or {}, status=status,
+        n_records=len(records), last_step=int(records[-1]["step"]) if records else 0, skipped_lines=skipped,
+        series=drawn_series(columns, keep), last=last, media=media, findings=findings, findings_source=source,
+        diagnostics_error=error,
+        timings={"parse": t1 - t0, "columns": t2 - t1, "csv": t3 - t2, "diagnostics": t4 - t3})
+
+
+# Set in each worker process: serialises the workers' appends to history.csv, so each run's rows stay together.
+_CSV_LOCK: Any = None
+
+
+def _set_lock(lock: Any) -> None:
+    global _CSV_LOCK
+    _CSV_LOCK = lock
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append ``text`` to ``path`` in one piece (under the workers' lock, when there are workers)."""
+    data = text.encode()
+    if _CSV_LOCK is None:
+        with path.open("ab") as f:
+            f.write(data)
+        return
+    with _CSV_LOCK, path.open("ab") as f:
+        f.write(data)
+
+
+def _load_one(args: tuple[Path, str, Callable[[str], bool], Path | None]) -> RunData:
+    return load_run(*args)
+
+
+def load_runs(paths: Sequence[Path], keep: Callable[[str], bool], history: Path | None = None,
+              history_header: str = "", workers: int | None = None) -> list[RunData]:
+    """Read every run (see load_run), in parallel processes when there is enough to read; returns the
+    runs in the order given. With ``history``, every run's history.csv rows are written there after
+    ``history_header``, one run after another (in the order they are read), through a temporary
+    file renamed into place at the end, so the file is complete or absent."""
+    names = run_names(paths)
+    tmp = history.with_name(f".{history.name}.tmp") if history else None
+    if tmp is not None:
+        tmp.write_text(history_header)
+    jobs = [(p, n, keep, tmp) for p, n in zip(paths, names, strict=True)]
+    size = sum(_size(p / METRICS) for p in paths)
+    workers = workers if workers is not None else min(len(paths), os.cpu_count() or 1)
+    try:
+        if workers > 1 and size > PARALLEL_BYTES:
+            import multiprocessing
+
+            # fork: workers start at once with everything imported (spawn would import mmtrain, numpy and
+            # the diagnostics again in each). Nothing here holds threads yet.
+            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+            lock = ctx.Lock()
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_set_lock,
+                                     initargs=(lock,)) as pool:
+                runs = list(pool.map(_load_one, jobs))
+        else:
+            runs = [_load_one(job) for job in jobs]
+    except BaseException:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
+    if tmp is not None and history is not None:
+        os.replace(tmp, history)
+    return runs
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

@@ -419,6 +419,19 @@ def test_report_of_a_synthetic_sweep(tmp_path, capsys):
     assert len(list(csv.DictReader((out / "summary.csv").open()))) == 1
 
 
+def test_names_and_infinities_stay_data(tmp_path):
+    """A run folder named like markup is text everywhere; ±inf (written ±1e308) is a gap in a chart."""
+    recs = write_run(tmp_path / "x<i>&y", steps=12)
+    recs[5]["grad_norm"] = 1e308
+    (tmp_path / "x<i>&y" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert report(str(tmp_path / "x<i>&y"), "--out", str(tmp_path / "r"), "--no-png") == 0
+    html = (tmp_path / "r" / "index.html").read_text()
+    assert "x<i>" not in html and "x&lt;i&gt;&amp;y" in html
+    run = runs.load_run(tmp_path / "x<i>&y", "r", drawn_metric)
+    assert math.isnan(run.series["grad_norm"][1][5]) and run.last["grad_norm"] == 1.0
+    assert "r,6,grad_norm,1e+308" in (tmp_path / "r" / "history.csv").read_text().replace("x<i>&y", "r")
+
+
 @dataclass(frozen=True)
 class FakeFinding:
     """mmtrain.diagnostics.Finding's fields (the report reads findings through to_dict only)."""

@@ -184,9 +184,9 @@ def build_context(runs: list[RunData], groups: list[list[int]], params: list[str
         if len(groups[g]) > 1:
             if g not in seen:
                 seen.add(g)
-                unit_members.append((labels[g], groups[g], True))
+                unit_members.append((svg_text(labels[g]), groups[g], True))
         else:
-            unit_members.append((runs[i].name, [i], False))
+            unit_members.append((svg_text(runs[i].name), [i], False))
     colors = palette(len(unit_members))
     units = [Unit(label, color, members, is_group)
              for (label, members, is_group), color in zip(unit_members, colors, strict=True)]
@@ -206,6 +206,12 @@ def typed(values: np.ndarray) -> dict[str, str] | list:
         arr = arr.astype(np.float64)
     dtype = {"int32": "i4", "float32": "f4", "float64": "f8"}[str(arr.dtype)]
     return {"dtype": dtype, "bdata": base64.b64encode(np.ascontiguousarray(arr).tobytes()).decode("ascii")}
+
+
+def svg_text(text: str) -> str:
+    """Text for a plotly label: plotly.js reads a few HTML tags in names and hover text, so a run or
+    parameter value holding ``<`` or ``&`` is shown as written, never as markup."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _fmt(value: Any) -> str:
@@ -318,7 +324,7 @@ def _unit_series(ctx: Context, unit: Unit, metric: str) -> tuple[np.ndarray, np.
 
 
 def _hover(label: str, metric: str) -> str:
-    label = label.replace("%{", "% {").replace("<", "&lt;")
+    label = label.replace("%{", "% {")  # a run name must not read as a template field
     return f"<b>{label}</b><br>{metric}<br>step %{{x}}<br>%{{y:.5g}}<extra></extra>"
 
 
@@ -345,7 +351,8 @@ def metric_figure(ctx: Context, panel: Panel) -> dict[str, Any]:
         drew = False
         # Units first (a seed group's mean ± std), then its members, hidden until their legend entry is clicked.
         drawers = [(u, u.label, u.color, True) for u in ctx.units] + [
-            (Unit(ctx.runs[i].name, u.color, [i], False), ctx.runs[i].name, u.color, False) for i, u in hidden_members]
+            (Unit(svg_text(ctx.runs[i].name), u.color, [i], False), svg_text(ctx.runs[i].name), u.color, False)
+            for i, u in hidden_members]
         for unit, label, color, visible in drawers:
             group = label
             for k, metric in enumerate(chart.lines):
@@ -436,8 +443,10 @@ def _finding_markers(ctx: Context, panel: Panel, charts: Sequence[Chart], data: 
             steps, values = series
             j = min(int(np.searchsorted(steps, int(f.get("step", 0)))), len(steps) - 1)
             xs.append(int(steps[j]))
-            ys.append(float(values[j]) if math.isfinite(values[j]) else 0.0)
-            texts.append(f"{run.name}: {f.get('rule')} at step {f.get('step')}")
+            finite = values[np.isfinite(values)]
+            # A value that is not finite (the spike itself, written as 1e308) is not drawn: mark the top.
+            ys.append(float(values[j]) if math.isfinite(values[j]) else float(finite.max()) if len(finite) else 0.0)
+            texts.append(svg_text(f"{run.name}: {f.get('rule')} at step {f.get('step')}"))
     if xs:
         data.append({"type": "scatter", "mode": "markers", "x": typed(np.asarray(xs)), "y": typed(np.asarray(ys)),
                      "name": "findings", "text": texts, "hovertemplate": "%{text}<extra>finding</extra>",
@@ -454,15 +463,14 @@ def seeds_figure(ctx: Context) -> dict[str, Any] | None:
     if not groups:
         return None
     data = []
-    color_of = {u.label: u.color for u in ctx.units}
     for g, members in groups:
-        label = ctx.group_labels[g]
-        color = color_of.get(label, "#444")
+        label = svg_text(ctx.group_labels[g])
+        color = ctx.run_color[members[0]]
         finals = [ctx.runs[i].final_val_loss for i in members]
         s = spread(finals)
         data.append({"type": "scatter", "mode": "markers", "x": [label] * len(members),
                      "y": [v if v is not None else None for v in finals], "name": label, "legendgroup": label,
-                     "text": [f"{ctx.runs[i].name} (seed {ctx.runs[i].flat.get(SEED_KEY)})" for i in members],
+                     "text": [svg_text(f"{ctx.runs[i].name} (seed {ctx.runs[i].flat.get(SEED_KEY)})") for i in members],
                      "marker": {"color": color, "size": 8, "opacity": 0.7},
                      "hovertemplate": "%{text}<br>final val loss %{y:.5g}<extra></extra>"})
         if s.n:
@@ -503,7 +511,7 @@ def hyperparameter_figure(ctx: Context, params: Sequence[str], target_runs: Sequ
         data.append({
             "type": "scatter", "mode": "markers", "x": xs if isinstance(xs, list) else typed(xs),
             "y": typed(np.asarray([ctx.runs[i].final_val_loss for i in target_runs], dtype=np.float64)),
-            "text": [f"{ctx.runs[i].name} (seed {ctx.runs[i].flat.get(SEED_KEY)})" for i in target_runs],
+            "text": [svg_text(f"{ctx.runs[i].name} (seed {ctx.runs[i].flat.get(SEED_KEY)})") for i in target_runs],
             "marker": {"color": [ctx.run_color[i] for i in target_runs], "size": 6, "opacity": 0.6},
             "hovertemplate": f"%{{text}}<br>{param} = %{{x}}<br>final val loss %{{y:.5g}}<extra></extra>",
             "xaxis": x_ref, "yaxis": y_ref, "name": "runs"})
@@ -519,7 +527,7 @@ def hyperparameter_figure(ctx: Context, params: Sequence[str], target_runs: Sequ
             gx.append(str(v) if enc.kind == "categorical" else v)
             gy.append(s.mean)
             ge.append(0.0 if math.isnan(s.std) else s.std)
-            gt.append(f"{ctx.group_labels[g]}: mean {s.mean:.5g} ± {s.std:.3g}")
+            gt.append(svg_text(f"{ctx.group_labels[g]}: mean {s.mean:.5g} ± {s.std:.3g}"))
         if gx:
             data.append({"type": "scatter", "mode": "markers", "x": gx, "y": gy, "text": gt,
                          "error_y": {"type": "data", "array": ge, "visible": True, "color": "#222"},

@@ -401,7 +401,9 @@ def drawn_series(columns: dict[str, tuple[np.ndarray, np.ndarray]], keep: Callab
             steps, values = steps[order], values[order]
             later = np.append(steps[1:] != steps[:-1], True)
             steps, values = steps[later], values[later]
-        series[k] = (steps, values.astype(np.float32))
+        # metrics.jsonl writes ±inf as ±1e308, beyond float32; drawn as gaps, like NaN (the CSV keeps them).
+        drawn = np.where(np.abs(values) < 3e38, values, np.nan).astype(np.float32)
+        series[k] = (steps, drawn)
     return series
 
 

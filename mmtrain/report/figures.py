@@ -120,12 +120,13 @@ MAX_RANK_LINES = 48
 
 def drawn_metric(key: str) -> bool:
     """Whether the charts draw ``key`` (what runs.load_run keeps as a series)."""
-    return key in _DRAWN or key.startswith(("hw/imbalance_", "hw/max/", "hw/mean/")) or (
-        key.startswith("hw/rank") and key.rsplit("/", 1)[-1] in HARDWARE_NAMES)
+    if key in _DRAWN or key.startswith("hw/imbalance_"):
+        return True
+    return key.startswith(("hw/rank", "hw/max/", "hw/mean/")) and key.rsplit("/", 1)[-1] in HARDWARE_NAMES
 
 
 _DRAWN = frozenset({m for p in PANELS for c in p.charts for m in (*c.lines, *c.points, *(c.band or ()))}
-                   | set(HARDWARE_NAMES) | {"val/total_loss"})
+                   | set(HARDWARE_NAMES) | {"val/total_loss", "hw/max/data_wait_fraction"})
 
 
 # ----------------------------------------------------------------------------------------------- units

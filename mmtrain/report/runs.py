@@ -390,8 +390,8 @@ def columns_of(records: Sequence[dict[str, Any]]) -> tuple[dict[str, tuple[np.nd
 def drawn_series(columns: dict[str, tuple[np.ndarray, np.ndarray]], keep: Callable[[str], bool]
                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The columns ``keep`` selects, for drawing: one value per step (should a file ever hold a step
-    twice, the later line wins, as a resume would have it) and float32 (a quarter less to send back
-    from a worker; a chart needs no more)."""
+    twice, the later line wins, as a resume would have it), steps as int32 and values as float32 (half
+    of what a worker sends back and the report holds for 100 runs; a chart needs no more)."""
     series = {}
     for k, (steps, values) in columns.items():
         if not keep(k) or not len(steps):
@@ -403,7 +403,7 @@ def drawn_series(columns: dict[str, tuple[np.ndarray, np.ndarray]], keep: Callab
             steps, values = steps[later], values[later]
         # metrics.jsonl writes ±inf as ±1e308, beyond float32; drawn as gaps, like NaN (the CSV keeps them).
         drawn = np.where(np.abs(values) < 3e38, values, np.nan).astype(np.float32)
-        series[k] = (steps, drawn)
+        series[k] = (steps.astype(np.int32) if steps[-1] < 2**31 else steps, drawn)
     return series
 
 

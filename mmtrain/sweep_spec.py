@@ -322,6 +322,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
             if p.grid_values() is None:
                 raise _fail(path, f"parameters.{p.name}", f"a grid needs discrete values (values, value, int_uniform "
                                                           f"or q_uniform), not {p.distribution}; or use method random")
+    run_cap = raw.get("run_cap")
+    if run_cap is not None and (not isinstance(run_cap, int) or isinstance(run_cap, bool) or run_cap < 1):
+        raise _fail(path, "run_cap", f"{run_cap!r} must be a whole number >= 1 (the most trials to run)")
     name = str(raw.get("name") or path.stem)
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
     return SweepSpec(path, name, method, str(metric.get("name", "final_validation_loss")), goal, params, command,

@@ -155,6 +155,10 @@ def test_random_draws_are_reproducible_and_follow_each_distribution(tmp_path):
     ("method: grid\nparameters: {train.output_dir: {values: [a]}}\ncommand: [x, '${args}']",
      "the sweep gives each trial its own output_dir"),
     ("method: grid\nparameters: {optim.lr: {values: [1]}\n", "not valid YAML at line"),
+    ("method: random\nrun_cap: five\nparameters: {optim.lr: {min: 0.1, max: 0.2}}\ncommand: [x, '${args}']",
+     "run_cap: 'five' must be a whole number >= 1"),
+    ("method: random\nrun_cap: 0\nparameters: {optim.lr: {min: 0.1, max: 0.2}}\ncommand: [x, '${args}']",
+     "run_cap: 0 must be a whole number >= 1"),
 ])
 def test_a_bad_sweep_file_is_one_line_naming_the_file_and_the_fix(tmp_path, capsys, text, expected):
     path = tmp_path / "bad.yaml"

@@ -134,7 +134,9 @@ def _write_header(path: Path, spec: SweepSpec, seed: int, overrides: list[str]) 
 
 class _Planner:
     """Parameters of trial ``i`` (1-based): the ledger's if recorded, else the grid point, the random draw,
-    or Optuna TPE's suggestion (ask/tell; a re-run rebuilds the study from the ledger's results)."""
+    or Optuna TPE's suggestion (ask/tell; a re-run rebuilds the study from the ledger's results). The TPE sampler's
+    seed is derived from the seed and the number of results it is told: add_trial does not advance its random
+    state, so with the seed alone a continued sweep would suggest its first trials again."""
 
     def __init__(self, spec: SweepSpec, seed: int, recorded: dict[int, dict[str, Any]]) -> None:
         self.spec, self.seed, self.recorded = spec, seed, recorded
@@ -144,11 +146,13 @@ class _Planner:
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress lines say it already
+            self.searched = {p.name: p for p in spec.searched}
             self.dists = {p.name: p.optuna_distribution() for p in spec.searched}
-            self.study = optuna.create_study(direction=spec.goal, sampler=optuna.samplers.TPESampler(seed=seed))
-            for rec in recorded.values():
-                if rec["status"] in ("finished", "failed"):
-                    self.tell(rec["trial"], rec["params"], rec.get("metric"))
+            known = [rec for rec in recorded.values() if rec["status"] in ("finished", "failed")]
+            sampler = optuna.samplers.TPESampler(seed=_derived_seed(seed, len(known)))
+            self.study = optuna.create_study(direction=spec.goal, sampler=sampler)
+            for rec in known:
+                self.tell(rec["trial"], rec["params"], rec.get("metric"))
 
     def params(self, i: int) -> dict[str, Any]:
         if i in self.recorded:
@@ -158,7 +162,8 @@ class _Planner:
         if self.spec.method == "random":
             return self.spec.sample(i, self.seed)
         trial = self.asked[i] = self.study.ask(self.dists)
-        return {p.name: trial.params[p.name] if p.name in self.dists else p.spec["value"] for p in self.spec.params}
+        return {p.name: p.from_optuna(trial.params[p.name]) if p.name in self.dists else p.spec["value"]
+                for p in self.spec.params}
 
     def tell(self, i: int, params: dict[str, Any], metric: float | None) -> None:
         if self.study is None:
@@ -170,7 +175,12 @@ class _Planner:
             self.study.tell(self.asked.pop(i), metric, state=state)
         else:  # run by an earlier command: known from the ledger only
             self.study.add_trial(optuna.trial.create_trial(
-                params={k: params[k] for k in self.dists}, distributions=self.dists, value=metric, state=state))
+                params={k: p.to_optuna(params[k]) for k, p in self.searched.items()}, distributions=self.dists,
+                value=metric, state=state))
+
+
+def _derived_seed(seed: int, told: int) -> int:
+    return int(hashlib.sha256(f"mmtrain-sweep/{seed}/{told}".encode()).hexdigest()[:8], 16)
 
 
 def _train_args(argv: list[str]) -> list[str] | None:

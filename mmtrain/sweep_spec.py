@@ -4,6 +4,8 @@
   named by mmtrain's dotted config fields (``optim.lr``), ``command`` with W&B's macros.
 * :meth:`SweepSpec.grid` lists the grid in order (the last parameter in the YAML varies fastest, like nested
   loops written top to bottom); :meth:`SweepSpec.sample` draws random trial ``i`` reproducibly from a seed.
+* :meth:`Param.optuna_distribution` is what bayes (Optuna TPE) searches; categorical values that are lists or
+  mappings (``wandb.tags: {values: [[a, b], [c]]}``) are searched as their JSON text (:meth:`Param.to_optuna`).
 * :meth:`SweepSpec.trial_argv` expands ``command`` for one trial, as ``wandb agent`` would, with the local
   interpreter for ``${interpreter}`` and for ``mmtrain`` / ``accelerate launch`` at the program position.
 
@@ -96,13 +98,31 @@ class Param:
             x = rng.betavariate(s["a"], s["b"])
         return _quantize(x, s["q"]) if d.startswith("q_") else x
 
+    def _choices(self) -> list[Any] | None:
+        """The JSON text of each categorical value when one is a list or a mapping (wandb.tags: {values: [[a, b],
+        [c]]}), which Optuna would store only with a warning per value; else None (the values themselves)."""
+        values = self.spec.get("values") if self.distribution == "categorical" else None
+        if values is None or all(v is None or isinstance(v, (bool, int, float, str)) for v in values):
+            return None
+        return [json.dumps(v, sort_keys=True, default=str) for v in values]
+
+    def to_optuna(self, value: Any) -> Any:
+        """``value`` as the Optuna distribution has it (its JSON text where :meth:`_choices` says so)."""
+        choices = self._choices()
+        return value if choices is None else choices[self.spec["values"].index(value)]
+
+    def from_optuna(self, value: Any) -> Any:
+        """The value an Optuna suggestion stands for (:meth:`to_optuna` undone)."""
+        choices = self._choices()
+        return value if choices is None else self.spec["values"][choices.index(value)]
+
     def optuna_distribution(self):  # -> optuna BaseDistribution
         """The Optuna distribution TPE searches (bayes); constants are not searched."""
         from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
         s, d = self.spec, self.distribution
         if d == "categorical":
-            return CategoricalDistribution(s["values"])
+            return CategoricalDistribution(self._choices() or s["values"])
         if d == "int_uniform":
             return IntDistribution(int(s["min"]), int(s["max"]))
         if d == "q_uniform":

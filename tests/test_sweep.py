@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,11 @@ def _sweep(*argv: str, capsys) -> tuple[int, str, str]:
 def _calls(folder: Path) -> list[dict]:
     path = folder / "calls.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _starts(folder: Path) -> list[list[str]]:
+    """The argv of each start of the fake program in ``folder``."""
+    return [call["argv"] for call in _calls(folder) if "argv" in call]
 
 
 # ------------------------------------------------------------------------------------------ the YAML
@@ -292,6 +298,30 @@ def test_count_beyond_the_grid_runs_the_grid(tmp_path, capsys):
     spec = _spec(tmp_path, "  optim.lr: {values: [0.1]}")
     rc, stdout, _ = _sweep(spec, "--out", tmp_path / "g", "--count", "9", capsys=capsys)
     assert rc == 0 and "grid, 1 trial(s)" in stdout and "[1/1] trial-001" in stdout
+
+
+def test_a_continued_bayes_sweep_suggests_new_trials_not_the_first_ones_again(tmp_path, capsys):
+    spec = _spec(tmp_path, "  optim.lr: {min: 0.01, max: 0.2}\n  train.seed: {values: [0, 1]}", method="bayes",
+                 name="by")
+    assert _sweep(spec, "--out", tmp_path / "b", "--count", "3", capsys=capsys)[0] == 0
+    assert _sweep(spec, "--out", tmp_path / "b", "--count", "6", "--parallel", "2", capsys=capsys)[0] == 0
+    trials = read_ledger(tmp_path / "b" / "sweep.jsonl")[1]
+    lrs = [trials[i]["params"]["optim.lr"] for i in range(1, 7)]
+    assert len(set(lrs)) == 6, lrs  # TPE's random start-up draws are not those of the first command again
+
+
+def test_list_values_under_bayes_are_searched_without_optuna_warnings(tmp_path, capsys):
+    spec = _spec(tmp_path, "  wandb.tags: {values: [[a, b], [c]]}\n  optim.lr: {min: 0.01, max: 0.2}",
+                 method="bayes", name="tags")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, _, err = _sweep(spec, "--out", tmp_path / "t", "--count", "2", capsys=capsys)
+        rc2, _, err2 = _sweep(spec, "--out", tmp_path / "t", "--count", "3", capsys=capsys)  # rebuilt from the ledger
+    assert rc == rc2 == 0 and "Choices" not in err + err2, err + err2
+    assert not [w for w in caught if "Choices" in str(w.message)]
+    trials = read_ledger(tmp_path / "t" / "sweep.jsonl")[1]
+    assert all(trials[i]["params"]["wandb.tags"] in (["a", "b"], ["c"]) for i in (1, 2, 3))
+    assert f"--wandb.tags={trials[1]['params']['wandb.tags']}" in _starts(tmp_path / "t" / "trial-001")[0]
 
 
 # ------------------------------------------------------------------------------------- end to end

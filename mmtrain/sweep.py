@@ -3,20 +3,26 @@
 The YAML is the one ``wandb sweep`` takes (mmtrain.sweep_spec reads it). Each trial runs the YAML's
 ``command``, expanded as ``wandb agent`` would, plus ``--train.output_dir=SWEEP_DIR/trial-NNN``,
 ``--wandb.group=<sweep name>`` and the overrides given after ``--``, with its output in
-``trial-NNN/train.log``. ``SWEEP_DIR/sweep.jsonl`` is the ledger: a header line (the spec as parsed, its
-sha256, the seed, the overrides), then one line per trial event; the last line of a trial wins. Running
-the same command again skips finished (and failed) trials and continues interrupted ones with
-``--train.resume auto``. Exit status: 0 when every trial finished, 1 otherwise, 2 for bad input.
+``trial-NNN/train.log``. ``SWEEP_DIR/sweep.jsonl`` is the ledger (mmtrain.sweep_ledger): a header line, then one
+line per trial event; the last line of a trial wins. Exit status: 0 when every trial finished, 1 otherwise, 2 for
+bad input.
+
+Stopping and continuing:
+
+* Ctrl-C or SIGTERM asks every running trial to save a checkpoint and exit (SIGTERM to its training processes); a
+  second Ctrl-C kills them. They are recorded "interrupted".
+* A trial that dies of a signal the sweep did not send (kill -9, the OOM killer) or exits non-zero is "failed",
+  with its error (``killed by SIGKILL (returncode -9; out of memory?)``, or the trial's own error line).
+* Running the same command again skips finished trials and failed ones (``--retry-failed`` runs those again),
+  and continues interrupted and started ones with ``--train.resume auto``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import hashlib
 import json
-import math
 import os
 import signal
 import subprocess
@@ -26,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from mmtrain.errors import UserError
+from mmtrain.sweep_ledger import LEDGER, append, check_ledger, read_ledger, write_header  # noqa: F401 (read_ledger)
 from mmtrain.sweep_spec import SweepSpec, load_sweep
+from mmtrain.sweep_trial import HEADER, Running, outcome, signal_trial
 
-LEDGER = "sweep.jsonl"
 # Inherited from a `wandb agent` around this command, they would make every trial claim the agent's one run.
 AGENT_ENV = ("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH")
 EPILOG = """examples:
@@ -77,57 +84,6 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accelerate-config", metavar="FILE", help="--config_file for accelerate launch")
     p.add_argument("--retry-failed", action="store_true", help="run failed trials again (default: keep them)")
     p.set_defaults(handler=run_sweep)
-
-
-# --------------------------------------------------------------------------------------------- ledger
-
-def _append(path: Path, record: dict[str, Any]) -> None:
-    """One JSON line, fsynced: a sweep killed at any moment keeps every line written before."""
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_ledger(path: Path) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]]]:
-    """(the header, {trial: its last line}); a line torn by a kill is skipped."""
-    header, trials = None, {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "trial" in record:
-                trials[record["trial"]] = record
-            elif header is None:
-                header = record
-    return header, trials
-
-
-def _check_ledger(path: Path, spec: SweepSpec, seed: int, overrides: list[str]) -> dict[int, dict[str, Any]]:
-    """The trials an earlier command recorded in ``path``; UserError if it ran another spec, seed or overrides."""
-    header, trials = read_ledger(path)
-    if header is None:
-        return trials
-    fix = f"use another --out, or delete {path} to start this sweep over"
-    if header.get("spec_sha256") != spec.digest:
-        raise UserError(f"{path} records another sweep spec ({header.get('spec_file')}, sha256 "
-                        f"{str(header.get('spec_sha256'))[:12]}) than {spec.path} (sha256 {spec.digest[:12]}); {fix}")
-    if header.get("overrides") != overrides:
-        raise UserError(f"{path} was run with the overrides {header.get('overrides')}, not {overrides}; repeat them "
-                        f"after -- to continue it, or {fix}")
-    if header.get("seed") != seed:
-        raise UserError(f"{path} was run with --seed {header.get('seed')}; repeat it to continue, or {fix}")
-    return trials
-
-
-def _write_header(path: Path, spec: SweepSpec, seed: int, overrides: list[str]) -> None:
-    if read_ledger(path)[0] is None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _append(path, {"sweep": spec.name, "spec_file": str(spec.path), "spec_sha256": spec.digest, "spec": spec.raw,
-                       "method": spec.method, "metric": {"name": spec.metric, "goal": spec.goal}, "seed": seed,
-                       "overrides": overrides, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 # ------------------------------------------------------------------------------------------- planning
@@ -215,61 +171,6 @@ def check_trial_config(argv: list[str]) -> str | None:
 
 # -------------------------------------------------------------------------------------------- running
 
-@dataclasses.dataclass
-class _Running:
-    trial: int
-    params: dict[str, Any]
-    folder: Path
-    proc: subprocess.Popen
-    log: Any
-    started: float
-    attempt: int
-
-
-def _metric(folder: Path, name: str) -> tuple[dict[str, Any] | None, float | None]:
-    """(summary.json, the metric): the summary's value, else the last logged one in metrics.jsonl (W&B's
-    summary of a logged key is its last value); None when absent or not finite."""
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None, None
-    value = summary.get(name)
-    if value is None and (folder / "metrics.jsonl").is_file():
-        for line in (folder / "metrics.jsonl").read_text().splitlines():
-            try:
-                value = json.loads(line).get(name, value)
-            except (json.JSONDecodeError, AttributeError):
-                continue
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return summary, float(value) if ok else None
-
-
-def _error_line(log: Path) -> str:
-    """The trial's own error line (``mmtrain: error: ...``) or the last line it printed."""
-    try:
-        with log.open("rb") as f:
-            f.seek(max(0, log.stat().st_size - 65536))
-            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    errors = [line for line in lines if "error:" in line]
-    return (errors or lines or [""])[-1][-300:]
-
-
-def _outcome(run: _Running, spec: SweepSpec, stopping: bool) -> dict[str, Any]:
-    rc = run.proc.returncode
-    summary, metric = _metric(run.folder, spec.metric)
-    finished = rc == 0 and summary is not None and "status" not in summary  # a stopped run's summary has status
-    preempted = rc == 0 and summary is not None and summary.get("status") == "preempted"
-    status = "finished" if finished else "interrupted" if stopping or preempted else "failed"
-    record = {"trial": run.trial, "params": run.params, "status": status, "metric": metric if finished else None,
-              "returncode": rc, "output_dir": str(run.folder), "seconds": round(time.monotonic() - run.started, 1),
-              "attempt": run.attempt}
-    if status == "failed":
-        record["error"] = _error_line(run.folder / "train.log")
-    return record
-
-
 def _describe(params: dict[str, Any], spec: SweepSpec) -> str:
     shown = [p.name for p in spec.searched] or list(params)
     return " ".join(f"{k}={params[k]}" for k in shown if k in params)
@@ -281,23 +182,6 @@ def _progress(i: int, count: int, record: dict[str, Any], spec: SweepSpec, note:
     took = f" ({record['seconds']:.1f}s)" if record.get("seconds") is not None else ""
     return (f"[{i}/{count}] trial-{i:03d} {_describe(record['params'], spec)} -> {record['status']}{note}"
             f"{metric}{took}{error}")
-
-
-def _signal_trial(run: _Running, launcher: str, sig: int) -> None:
-    """SIGTERM the training process(es), which save and exit 0; not `accelerate launch` itself, which would give
-    them 5 s (one process) before SIGKILL. SIGKILL goes to the trial's whole process group."""
-    try:
-        if sig == signal.SIGKILL:
-            os.killpg(run.proc.pid, sig)
-        elif launcher == "accelerate":
-            import psutil
-
-            for child in psutil.Process(run.proc.pid).children():
-                child.send_signal(sig)
-        else:
-            run.proc.send_signal(sig)
-    except (ProcessLookupError, OSError, ImportError):
-        pass  # already gone
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -320,8 +204,35 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise UserError(f"{spec.path}: method {spec.method} needs --count N (how many trials), or run_cap in the file")
     seed = args.seed if args.seed is not None else int(hashlib.sha256(spec.name.encode()).hexdigest()[:8], 16)
     out = Path(args.out or Path("runs") / spec.name)
-    ledger = out / LEDGER
-    recorded = _check_ledger(ledger, spec, seed, overrides)
+    for folder in (out, *out.parents):  # the first that exists must be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"--out {out}" + (": " + str(folder) if folder != out else "") + " is a file, not a "
+                                "folder; give a folder for the trials and the ledger (new or an earlier sweep's)")
+            break
+    recorded, planner, todo = _plan(spec, seed, overrides, args, out, count)  # every check before any writing
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create this folder ({e.strerror})") from None
+    write_header(out / LEDGER, spec, seed, overrides)
+    ignored = " (early_terminate is W&B's server's: not applied here)" if "early_terminate" in spec.raw else ""
+    _say(f"mmtrain sweep {spec.name}: {spec.method}, {count} trial(s), {count - len(todo)} done before, "
+         f"{args.parallel} at a time, in {out} (ledger {out / LEDGER}){ignored}")
+    for i in range(1, count + 1):
+        if i not in todo:
+            _say(_progress(i, count, recorded[i], spec, " (earlier)"))
+    results = {i: r for i, r in recorded.items() if i <= count}
+    _run_trials(spec, args, out, overrides, count, recorded, planner, todo, results)
+    _say("\n".join(ranked_table(spec, results)))
+    return 0 if all(results.get(i, {}).get("status") == "finished" for i in range(1, count + 1)) else 1
+
+
+def _plan(spec: SweepSpec, seed: int, overrides: list[str], args: argparse.Namespace, out: Path,
+          count: int) -> tuple[dict[int, dict[str, Any]], _Planner, collections.deque[int]]:
+    """(the trials recorded in the ledger, the planner, the trials to run); UserError when the ledger is another
+    sweep's, or when ``mmtrain train`` would refuse a planned trial's config (grid and random)."""
+    recorded = check_ledger(out / LEDGER, spec, seed, overrides)
     planner = _Planner(spec, seed, recorded)
     done = ("finished",) if args.retry_failed else ("finished", "failed")
     todo = collections.deque(i for i in range(1, count + 1) if recorded.get(i, {}).get("status") not in done)
@@ -330,42 +241,44 @@ def run_sweep(args: argparse.Namespace) -> int:
             problem = check_trial_config(_argv(spec, i, planner.params(i), out, overrides, args, False))
             if problem:
                 raise UserError(f"{spec.path}: trial {i} ({_describe(planner.params(i), spec)}): {problem}")
-    _write_header(ledger, spec, seed, overrides)
-    ignored = " (early_terminate is W&B's server's: not applied here)" if "early_terminate" in spec.raw else ""
-    print(f"mmtrain sweep {spec.name}: {spec.method}, {count} trial(s), {count - len(todo)} done before, "
-          f"{args.parallel} at a time, in {out} (ledger {ledger}){ignored}", flush=True)
-    for i in range(1, count + 1):
-        if i not in todo:
-            print(_progress(i, count, recorded[i], spec, " (earlier)"), flush=True)
+    return recorded, planner, todo
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _run_trials(spec: SweepSpec, args: argparse.Namespace, out: Path, overrides: list[str], count: int,
+                recorded: dict[int, dict[str, Any]], planner: _Planner, todo: collections.deque[int],
+                results: dict[int, dict[str, Any]]) -> None:
+    """Run the trials in ``todo``, ``args.parallel`` at a time, into ``results``; on Ctrl-C or SIGTERM, stop
+    those running (each saves a checkpoint) and return."""
+    ledger = out / LEDGER
     env = {k: v for k, v in os.environ.items() if k not in AGENT_ENV}
     if args.parallel > 1 and "OMP_NUM_THREADS" not in env:  # P trials share the cores instead of oversubscribing
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.parallel))
-    running: dict[int, _Running] = {}
-    results = {i: r for i, r in recorded.items() if i <= count}
+    running: dict[int, Running] = {}
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM stops the sweep like Ctrl-C
     try:
         try:
             while todo or running:
                 while todo and len(running) < args.parallel:
                     i = todo.popleft()
-                    run = _start(spec, i, planner.params(i), out, overrides, args, recorded.get(i), env, ledger)
+                    run = _start(spec, i, planner.params(i), out, overrides, args, recorded.get(i), env, ledger,
+                                 running)
                     if isinstance(run, dict):  # refused before starting (a bayes suggestion mmtrain refuses)
                         results[i] = run
                         planner.tell(i, run["params"], None)
-                        print(_progress(i, count, run, spec), flush=True)
-                    else:
-                        running[i] = run
+                        _say(_progress(i, count, run, spec))
                 time.sleep(0.2)
                 for i, run in list(running.items()):
                     if run.proc.poll() is not None:
                         results[i] = _finish(running.pop(i), spec, False, ledger, planner, count)
         except KeyboardInterrupt:
             _stop(running, spec, args.launcher, ledger, planner, count, results)
-            print(f"mmtrain: sweep interrupted; run the same command again to continue ({ledger})", flush=True)
+            _say(f"mmtrain: sweep interrupted; run the same command again to continue ({ledger})")
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print("\n".join(ranked_table(spec, results)), flush=True)
-    return 0 if all(results.get(i, {}).get("status") == "finished" for i in range(1, count + 1)) else 1
 
 
 def _argv(spec: SweepSpec, i: int, params: dict[str, Any], out: Path, overrides: list[str],
@@ -385,8 +298,10 @@ def _argv(spec: SweepSpec, i: int, params: dict[str, Any], out: Path, overrides:
 
 
 def _start(spec: SweepSpec, i: int, params: dict[str, Any], out: Path, overrides: list[str],
-           args: argparse.Namespace, before: dict[str, Any] | None, env: dict[str, str],
-           ledger: Path) -> _Running | dict[str, Any]:
+           args: argparse.Namespace, before: dict[str, Any] | None, env: dict[str, str], ledger: Path,
+           running: dict[int, Running]) -> Running | dict[str, Any]:
+    """Start trial ``i`` into ``running``, or return the failed record
+    of a trial config ``mmtrain train`` would refuse."""
     folder = out / f"trial-{i:03d}"
     folder.mkdir(parents=True, exist_ok=True)  # train.log lives here: not a run output (run_dir.RUN_OUTPUTS)
     attempt = (before or {}).get("attempt", 0) + 1
@@ -396,44 +311,45 @@ def _start(spec: SweepSpec, i: int, params: dict[str, Any], out: Path, overrides
     if problem:
         record = {"trial": i, "params": params, "status": "failed", "metric": None, "returncode": None,
                   "output_dir": str(folder), "seconds": 0.0, "attempt": attempt, "error": problem}
-        _append(ledger, record)
+        append(ledger, record)
         return record
-    _append(ledger, {"trial": i, "params": params, "status": "started", "output_dir": str(folder),
-                     "attempt": attempt, "argv": argv})
     log = (folder / "train.log").open("a")
-    log.write(f"== mmtrain sweep: trial {i}, attempt {attempt}: {' '.join(argv)}\n")
+    log.write(f"{HEADER}trial {i}, attempt {attempt}: {' '.join(argv)}\n")
     log.flush()
     # Its own session: a Ctrl-C at the terminal reaches the sweep only, which asks each trial to save and stop.
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                             start_new_session=True)
-    return _Running(i, params, folder, proc, log, time.monotonic(), attempt)
+    run = running[i] = Running(i, params, folder, proc, log, time.monotonic(), attempt)
+    append(ledger, {"trial": i, "params": params, "status": "started", "output_dir": str(folder),
+                    "attempt": attempt, "argv": argv})
+    return run
 
 
-def _finish(run: _Running, spec: SweepSpec, stopping: bool, ledger: Path, planner: _Planner,
+def _finish(run: Running, spec: SweepSpec, stopping: bool, ledger: Path, planner: _Planner,
             count: int) -> dict[str, Any]:
     run.log.close()
-    record = _outcome(run, spec, stopping)
-    _append(ledger, record)
+    record = outcome(run, spec.metric, stopping)
+    append(ledger, record)
     if record["status"] != "interrupted":
         planner.tell(run.trial, run.params, record["metric"])
-    print(_progress(run.trial, count, record, spec), flush=True)
+    _say(_progress(run.trial, count, record, spec))
     return record
 
 
-def _stop(running: dict[int, _Running], spec: SweepSpec, launcher: str, ledger: Path, planner: _Planner,
+def _stop(running: dict[int, Running], spec: SweepSpec, launcher: str, ledger: Path, planner: _Planner,
           count: int, results: dict[int, dict[str, Any]]) -> None:
-    """Ctrl-C / SIGTERM: every running trial is asked to save and stop; a second Ctrl-C kills them."""
+    """Ctrl-C / SIGTERM: every running trial is asked to save and stop; a second one kills them."""
     if running:
-        print(f"mmtrain: stopping {len(running)} running trial(s): each saves a checkpoint and exits "
-              "(Ctrl-C again to kill them)", flush=True)
+        _say(f"mmtrain: stopping {len(running)} running trial(s): each saves a checkpoint and exits "
+             "(Ctrl-C again to kill them)")
     for run in running.values():
-        _signal_trial(run, launcher, signal.SIGTERM)
+        signal_trial(run, launcher, signal.SIGTERM)
     try:
         for run in running.values():
             run.proc.wait()
     except KeyboardInterrupt:
         for run in running.values():
-            _signal_trial(run, launcher, signal.SIGKILL)
+            signal_trial(run, launcher, signal.SIGKILL)
             run.proc.wait()
     for i in list(running):
         results[i] = _finish(running.pop(i), spec, True, ledger, planner, count)

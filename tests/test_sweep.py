@@ -24,8 +24,9 @@ from mmtrain import cli
 from mmtrain.sweep import read_ledger
 from mmtrain.sweep_spec import load_sweep
 
-# A training program's stand-in: records each call, fails for optim.lr=0.3, runs FAKE_SLEEP seconds, saves
-# and exits 0 on SIGTERM (summary status "preempted", as mmtrain does), else writes the metric lr*10 + seed.
+# A training program's stand-in: records each call, fails for optim.lr=0.3, kills itself with SIGKILL for 0.4 (as
+# the OOM killer would), exits 3 silently for 0.5, runs FAKE_SLEEP seconds, saves and exits 0 on SIGTERM (summary
+# status "preempted", as mmtrain does), else writes the metric lr*10 + seed.
 FAKE = r'''
 import json, os, signal, sys, time
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
@@ -45,6 +46,10 @@ lr, seed = float(args.get("optim.lr", 0)), int(args.get("train.seed", 0))
 if lr == 0.3:
     print("mmtrain: error: optim.lr=0.3 diverged", flush=True)
     sys.exit(1)
+if lr == 0.4:
+    os.kill(os.getpid(), signal.SIGKILL)
+if lr == 0.5:
+    sys.exit(3)
 deadline = time.time() + float(os.environ.get("FAKE_SLEEP", "0"))
 while time.time() < deadline:
     time.sleep(0.02)
@@ -206,7 +211,7 @@ def test_failed_trial_is_recorded_the_sweep_goes_on_and_a_rerun_skips_what_is_do
     assert [line.split()[1] for line in table[2:]] == ["trial-001", "trial-002", "trial-005", "trial-003",
                                                        "trial-004"]
     assert table[2].split()[:4] == ["1", "trial-001", "finished", "1"]
-    argv = _calls(out / "trial-001")[0]["argv"]
+    argv = _starts(out / "trial-001")[0]
     # the sweep's parameters, its folder and group, then the overrides (which come last and win)
     assert argv == ["--optim.lr=0.1", "--train.seed=0", f"--train.output_dir={out / 'trial-001'}",
                     "--wandb.group=fake", "--wandb.group=mine", "--train.epochs=1"]
@@ -220,8 +225,8 @@ def test_failed_trial_is_recorded_the_sweep_goes_on_and_a_rerun_skips_what_is_do
 
     rc, stdout, _ = _sweep(spec, "--out", out, "--retry-failed", "--", "--wandb.group=mine", "--train.epochs", "1",
                            capsys=capsys)
-    again = _calls(out / "trial-003")
-    assert len(again) == 2 and again[1]["argv"][-1] == "--train.resume=auto"
+    again = _starts(out / "trial-003")
+    assert len(again) == 2 and again[1][-1] == "--train.resume=auto"
     assert read_ledger(out / "sweep.jsonl")[1][3]["attempt"] == 2
 
     rc, _, err = _sweep(spec, "--out", out, capsys=capsys)  # other overrides: another sweep
@@ -271,8 +276,7 @@ def test_ctrl_c_stops_trials_which_a_rerun_continues_with_resume_auto(tmp_path, 
     done = subprocess.run(cmd, cwd=REPO, env={**env, "FAKE_SLEEP": "0"}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     for i in (1, 2):
-        second = _calls(out / f"trial-00{i}")[1]["argv"]
-        assert second[-1] == "--train.resume=auto"
+        assert _starts(out / f"trial-00{i}")[1][-1] == "--train.resume=auto"
     assert [read_ledger(out / "sweep.jsonl")[1][i]["status"] for i in (1, 2)] == ["finished", "finished"]
 
 
@@ -300,6 +304,7 @@ def test_count_beyond_the_grid_runs_the_grid(tmp_path, capsys):
     assert rc == 0 and "grid, 1 trial(s)" in stdout and "[1/1] trial-001" in stdout
 
 
+
 def test_a_continued_bayes_sweep_suggests_new_trials_not_the_first_ones_again(tmp_path, capsys):
     spec = _spec(tmp_path, "  optim.lr: {min: 0.01, max: 0.2}\n  train.seed: {values: [0, 1]}", method="bayes",
                  name="by")
@@ -322,6 +327,45 @@ def test_list_values_under_bayes_are_searched_without_optuna_warnings(tmp_path, 
     trials = read_ledger(tmp_path / "t" / "sweep.jsonl")[1]
     assert all(trials[i]["params"]["wandb.tags"] in (["a", "b"], ["c"]) for i in (1, 2, 3))
     assert f"--wandb.tags={trials[1]['params']['wandb.tags']}" in _starts(tmp_path / "t" / "trial-001")[0]
+
+
+def test_a_trial_killed_by_a_signal_is_failed_naming_the_signal_and_retry_failed_resumes_it(tmp_path, capsys):
+    spec, out = _spec(tmp_path, "  optim.lr: {values: [0.4, 0.5, 0.1]}"), tmp_path / "out"
+    rc, stdout, _ = _sweep(spec, "--out", out, capsys=capsys)
+    trials = read_ledger(out / "sweep.jsonl")[1]
+    assert rc == 1 and [trials[i]["status"] for i in (1, 2, 3)] == ["failed", "failed", "finished"]
+    assert trials[1]["returncode"] == -9 and trials[1]["error"] == "killed by SIGKILL (returncode -9; out of memory?)"
+    assert "trial-001 optim.lr=0.4 -> failed" in stdout and "killed by SIGKILL" in stdout
+    # not the sweep's own header line of train.log
+    assert trials[2]["returncode"] == 3 and trials[2]["error"] == "exited with returncode 3, printing nothing"
+    rc, _, _ = _sweep(spec, "--out", out, "--retry-failed", capsys=capsys)
+    assert _starts(out / "trial-001")[-1][-1] == "--train.resume=auto"
+    assert read_ledger(out / "sweep.jsonl")[1][1]["attempt"] == 2
+
+
+def test_a_ledger_line_torn_by_a_kill_does_not_swallow_the_next_one(tmp_path, capsys):
+    spec, out = _spec(tmp_path, "  optim.lr: {values: [0.1, 0.2]}"), tmp_path / "out"
+    assert _sweep(spec, "--out", out, "--count", "1", capsys=capsys)[0] == 0
+    torn = '{"trial": 2, "params": {"optim.l'
+    with (out / "sweep.jsonl").open("a") as f:  # a sweep killed in the middle of a line
+        f.write(torn)
+    assert _sweep(spec, "--out", out, capsys=capsys)[0] == 0
+    records = []
+    for line in (out / "sweep.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            assert line == torn
+    assert [r["status"] for r in records if r.get("trial") == 2] == ["started", "finished"]
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_out_naming_a_file_is_one_line(tmp_path, capsys, under):
+    spec, afile = _spec(tmp_path, "  optim.lr: {values: [0.1]}"), tmp_path / "afile"
+    afile.write_text("x")
+    rc, _, err = _sweep(spec, "--out", afile / under if under else afile, capsys=capsys)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"mmtrain: error: --out {afile}"), err
+    assert "is a file" in err and afile.read_text() == "x"
 
 
 # ------------------------------------------------------------------------------------- end to end

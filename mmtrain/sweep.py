@@ -5,16 +5,20 @@ The YAML is the one ``wandb sweep`` takes (mmtrain.sweep_spec reads it). Each tr
 ``--wandb.group=<sweep name>`` and the overrides given after ``--``, with its output in
 ``trial-NNN/train.log``. ``SWEEP_DIR/sweep.jsonl`` is the ledger (mmtrain.sweep_ledger): a header line, then one
 line per trial event; the last line of a trial wins. Exit status: 0 when every trial finished, 1 otherwise, 2 for
-bad input.
+bad input (a second sweep on a folder in use included).
 
 Stopping and continuing:
 
-* Ctrl-C or SIGTERM asks every running trial to save a checkpoint and exit (SIGTERM to its training processes); a
-  second Ctrl-C kills them. They are recorded "interrupted".
+* Ctrl-C, SIGTERM or SIGHUP (a closed terminal, an ssh disconnect; not under nohup) asks every running trial to
+  save a checkpoint and exit (SIGTERM to its training processes); a second Ctrl-C kills them. They are recorded
+  "interrupted".
+* If the sweep dies without doing that (SIGKILL, the OOM killer), the kernel sends each trial SIGTERM (Linux;
+  mmtrain.sweep_trial). Their last ledger line stays "started".
 * A trial that dies of a signal the sweep did not send (kill -9, the OOM killer) or exits non-zero is "failed",
   with its error (``killed by SIGKILL (returncode -9; out of memory?)``, or the trial's own error line).
 * Running the same command again skips finished trials and failed ones (``--retry-failed`` runs those again),
-  and continues interrupted and started ones with ``--train.resume auto``.
+  and continues interrupted and started ones with ``--train.resume auto``. It first waits for trials a dead sweep
+  left running to stop (mmtrain.sweep_ledger), and a second sweep on a folder in use is refused.
 """
 
 from __future__ import annotations
@@ -32,9 +36,18 @@ from pathlib import Path
 from typing import Any
 
 from mmtrain.errors import UserError
-from mmtrain.sweep_ledger import LEDGER, append, check_ledger, read_ledger, write_header  # noqa: F401 (read_ledger)
+from mmtrain.sweep_ledger import (
+    LEDGER,
+    append,
+    check_ledger,
+    folder_lock,
+    read_ledger,
+    started_at,
+    wait_for_orphans,
+    write_header,
+)
 from mmtrain.sweep_spec import SweepSpec, load_sweep
-from mmtrain.sweep_trial import HEADER, Running, outcome, signal_trial
+from mmtrain.sweep_trial import HEADER, Running, die_with_sweep, outcome, signal_trial
 
 # Inherited from a `wandb agent` around this command, they would make every trial claim the agent's one run.
 AGENT_ENV = ("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH")
@@ -210,20 +223,26 @@ def run_sweep(args: argparse.Namespace) -> int:
                 raise UserError(f"--out {out}" + (": " + str(folder) if folder != out else "") + " is a file, not a "
                                 "folder; give a folder for the trials and the ledger (new or an earlier sweep's)")
             break
+    seen = read_ledger(out / LEDGER)
     recorded, planner, todo = _plan(spec, seed, overrides, args, out, count)  # every check before any writing
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out}: cannot create this folder ({e.strerror})") from None
-    write_header(out / LEDGER, spec, seed, overrides)
-    ignored = " (early_terminate is W&B's server's: not applied here)" if "early_terminate" in spec.raw else ""
-    _say(f"mmtrain sweep {spec.name}: {spec.method}, {count} trial(s), {count - len(todo)} done before, "
-         f"{args.parallel} at a time, in {out} (ledger {out / LEDGER}){ignored}")
-    for i in range(1, count + 1):
-        if i not in todo:
-            _say(_progress(i, count, recorded[i], spec, " (earlier)"))
-    results = {i: r for i, r in recorded.items() if i <= count}
-    _run_trials(spec, args, out, overrides, count, recorded, planner, todo, results)
+    with folder_lock(out):
+        now = read_ledger(out / LEDGER)
+        wait_for_orphans(out, now[1], _say)
+        if now != seen:  # another sweep wrote to it before this one took the folder
+            recorded, planner, todo = _plan(spec, seed, overrides, args, out, count)
+        write_header(out / LEDGER, spec, seed, overrides)
+        ignored = " (early_terminate is W&B's server's: not applied here)" if "early_terminate" in spec.raw else ""
+        _say(f"mmtrain sweep {spec.name}: {spec.method}, {count} trial(s), {count - len(todo)} done before, "
+             f"{args.parallel} at a time, in {out} (ledger {out / LEDGER}){ignored}")
+        for i in range(1, count + 1):
+            if i not in todo:
+                _say(_progress(i, count, recorded[i], spec, " (earlier)"))
+        results = {i: r for i, r in recorded.items() if i <= count}
+        _run_trials(spec, args, out, overrides, count, recorded, planner, todo, results)
     _say("\n".join(ranked_table(spec, results)))
     return 0 if all(results.get(i, {}).get("status") == "finished" for i in range(1, count + 1)) else 1
 
@@ -245,20 +264,33 @@ def _plan(spec: SweepSpec, seed: int, overrides: list[str], args: argparse.Names
 
 
 def _say(text: str) -> None:
-    print(text, flush=True)
+    """Print a line of progress. With the terminal gone (a hang-up: EIO, or EPIPE) the lines go nowhere from then
+    on, and the sweep goes on stopping its trials and recording them."""
+    try:
+        print(text, flush=True)
+    except OSError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # what is still buffered is flushed there, at exit too
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
 
 
 def _run_trials(spec: SweepSpec, args: argparse.Namespace, out: Path, overrides: list[str], count: int,
                 recorded: dict[int, dict[str, Any]], planner: _Planner, todo: collections.deque[int],
                 results: dict[int, dict[str, Any]]) -> None:
-    """Run the trials in ``todo``, ``args.parallel`` at a time, into ``results``; on Ctrl-C or SIGTERM, stop
-    those running (each saves a checkpoint) and return."""
+    """Run the trials in ``todo``, ``args.parallel`` at a time, into ``results``; on Ctrl-C, SIGTERM or SIGHUP,
+    stop those running (each saves a checkpoint) and return."""
     ledger = out / LEDGER
     env = {k: v for k, v in os.environ.items() if k not in AGENT_ENV}
     if args.parallel > 1 and "OMP_NUM_THREADS" not in env:  # P trials share the cores instead of oversubscribing
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.parallel))
     running: dict[int, Running] = {}
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM stops the sweep like Ctrl-C
+    stop_on = [signal.SIGTERM]  # each stops the sweep like Ctrl-C; SIGHUP too, unless ignored (nohup)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        stop_on.append(signal.SIGHUP)
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in stop_on}
     try:
         try:
             while todo or running:
@@ -278,7 +310,8 @@ def _run_trials(spec: SweepSpec, args: argparse.Namespace, out: Path, overrides:
             _stop(running, spec, args.launcher, ledger, planner, count, results)
             _say(f"mmtrain: sweep interrupted; run the same command again to continue ({ledger})")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _argv(spec: SweepSpec, i: int, params: dict[str, Any], out: Path, overrides: list[str],
@@ -300,7 +333,7 @@ def _argv(spec: SweepSpec, i: int, params: dict[str, Any], out: Path, overrides:
 def _start(spec: SweepSpec, i: int, params: dict[str, Any], out: Path, overrides: list[str],
            args: argparse.Namespace, before: dict[str, Any] | None, env: dict[str, str], ledger: Path,
            running: dict[int, Running]) -> Running | dict[str, Any]:
-    """Start trial ``i`` into ``running``, or return the failed record
+    """Start trial ``i`` into ``running`` (its "started" ledger line records its pid), or return the failed record
     of a trial config ``mmtrain train`` would refuse."""
     folder = out / f"trial-{i:03d}"
     folder.mkdir(parents=True, exist_ok=True)  # train.log lives here: not a run output (run_dir.RUN_OUTPUTS)
@@ -316,12 +349,13 @@ def _start(spec: SweepSpec, i: int, params: dict[str, Any], out: Path, overrides
     log = (folder / "train.log").open("a")
     log.write(f"{HEADER}trial {i}, attempt {attempt}: {' '.join(argv)}\n")
     log.flush()
-    # Its own session: a Ctrl-C at the terminal reaches the sweep only, which asks each trial to save and stop.
+    # Its own session: a Ctrl-C at the terminal reaches the sweep only, which asks each trial to save and stop;
+    # and its pid names its process group, which still_running() looks for after a sweep that died.
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=die_with_sweep())
     run = running[i] = Running(i, params, folder, proc, log, time.monotonic(), attempt)
     append(ledger, {"trial": i, "params": params, "status": "started", "output_dir": str(folder),
-                    "attempt": attempt, "argv": argv})
+                    "attempt": attempt, "argv": argv, "pid": proc.pid, "pid_created": started_at(proc.pid)})
     return run
 
 
@@ -338,7 +372,7 @@ def _finish(run: Running, spec: SweepSpec, stopping: bool, ledger: Path, planner
 
 def _stop(running: dict[int, Running], spec: SweepSpec, launcher: str, ledger: Path, planner: _Planner,
           count: int, results: dict[int, dict[str, Any]]) -> None:
-    """Ctrl-C / SIGTERM: every running trial is asked to save and stop; a second one kills them."""
+    """Ctrl-C / SIGTERM / SIGHUP: every running trial is asked to save and stop; a second one kills them."""
     if running:
         _say(f"mmtrain: stopping {len(running)} running trial(s): each saves a checkpoint and exits "
              "(Ctrl-C again to kill them)")

@@ -1,5 +1,11 @@
-"""A trial's process for ``mmtrain sweep``: stopped, and judged when it ends.
+"""A trial's process for ``mmtrain sweep``: started in a session of its own that dies with the sweep, stopped,
+and judged when it ends.
 
+* :func:`die_with_sweep` (Linux): the kernel sends a trial SIGTERM when its sweep dies, however it dies (SIGKILL,
+  the OOM killer), by PR_SET_PDEATHSIG. That follows the *thread* that started the trial, so trials are started
+  from the thread running the sweep, which lives as long as it. With ``--launcher accelerate`` the SIGTERM reaches
+  ``accelerate launch``, which stops its whole tree: SIGTERM to its training processes, SIGKILL to what is left
+  5 s later (one process; torchrun's agent, with several, stops its workers likewise).
 * :func:`outcome`: "finished" (exit 0 with a run's final summary.json), "interrupted" (stopped by the sweep, or
   saved and exited on a SIGTERM from elsewhere: summary status "preempted") or "failed". A trial killed by a signal
   the sweep did not send (kill -9, the OOM killer) is failed, with ``killed by SIGKILL (returncode -9; out of
@@ -14,6 +20,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -109,3 +116,25 @@ def signal_trial(run: Running, launcher: str, sig: int) -> None:
             run.proc.send_signal(sig)
     except (ProcessLookupError, OSError, ImportError):
         pass  # already gone
+
+
+def die_with_sweep():  # -> a preexec_fn, or None
+    """A trial's preexec_fn on Linux: the kernel sends the trial SIGTERM (save and exit) when the sweep dies, however
+    it dies (PR_SET_PDEATHSIG; it fires when the thread that started the trial ends: the sweep's own thread). If the
+    sweep died before this took effect, the trial does not start."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    sweep = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() != sweep:
+            os._exit(1)
+
+    return preexec

@@ -26,7 +26,7 @@ from mmtrain.sweep_spec import load_sweep
 
 # A training program's stand-in: records each call, fails for optim.lr=0.3, kills itself with SIGKILL for 0.4 (as
 # the OOM killer would), exits 3 silently for 0.5, runs FAKE_SLEEP seconds, saves and exits 0 on SIGTERM (summary
-# status "preempted", as mmtrain does), else writes the metric lr*10 + seed.
+# status "preempted", as mmtrain does, noted as "stopped"), else writes the metric lr*10 + seed.
 FAKE = r'''
 import json, os, signal, sys, time
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
@@ -38,6 +38,7 @@ def summary(values):
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(values, f)
 def stop(*_):
+    note(stopped=time.time())
     summary({"status": "preempted"})
     sys.exit(0)
 signal.signal(signal.SIGTERM, stop)
@@ -366,6 +367,131 @@ def test_out_naming_a_file_is_one_line(tmp_path, capsys, under):
     rc, _, err = _sweep(spec, "--out", afile / under if under else afile, capsys=capsys)
     assert rc == 2 and err.count("\n") == 1 and err.startswith(f"mmtrain: error: --out {afile}"), err
     assert "is a file" in err and afile.read_text() == "x"
+
+
+# ------------------------------------------------------------------- a killed sweep, a second sweep
+
+def _trial_processes(out: Path) -> list[int]:
+    """Live processes of the trials in ``out`` (their command names a trial folder): trainers, launchers."""
+    import psutil
+
+    mark, found = str(out / "trial-"), []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and any(mark in a for a in p.info["cmdline"] or ()):
+            found.append(p.pid)
+    return found
+
+
+def _sweep_cmd(spec: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mmtrain", "sweep", str(spec), "--out", str(out), *extra]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="trials die with their sweep by PR_SET_PDEATHSIG (Linux)")
+@pytest.mark.parametrize("launcher", ["python", "accelerate"])
+def test_a_killed_sweep_takes_its_trials_with_it_and_a_rerun_continues_them(tmp_path, launcher):
+    """kill -9 (or the OOM killer) of the sweep alone: each trial is sent SIGTERM as its sweep dies, saves and
+    exits (with accelerate, the launcher and its training process); the re-run, started at once, waits for them,
+    then continues them from their checkpoint, one copy per folder."""
+    spec, out = _spec(tmp_path, "  optim.lr: {values: [0.1, 0.2]}"), tmp_path / "out"
+    cmd = _sweep_cmd(spec, out, "--parallel", "2", "--launcher", launcher)
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "FAKE_SLEEP": "120"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: all(_calls(out / f"trial-00{i}") for i in (1, 2)), proc)
+        proc.kill()
+        proc.communicate()
+        again = subprocess.run(cmd, cwd=REPO, env={**os.environ, "FAKE_SLEEP": "0"}, capture_output=True, text=True,
+                               timeout=120)
+    finally:
+        proc.kill()
+        for pid in _trial_processes(out):
+            os.kill(pid, signal.SIGKILL)
+    assert again.returncode == 0, again.stdout + again.stderr
+    for i in (1, 2):
+        calls = _calls(out / f"trial-00{i}")
+        assert [next(iter(c)) for c in calls] == ["argv", "stopped", "argv", "end"], calls
+        assert calls[1]["stopped"] < calls[2]["start"] and calls[2]["argv"][-1] == "--train.resume=auto"
+    assert not _trial_processes(out)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="trials die with their sweep by PR_SET_PDEATHSIG (Linux)")
+def test_a_hangup_stops_the_trials_like_ctrl_c_even_with_the_terminal_gone(tmp_path):
+    spec, out = _spec(tmp_path, "  optim.lr: {values: [0.1, 0.2]}"), tmp_path / "out"
+    proc = subprocess.Popen(_sweep_cmd(spec, out, "--parallel", "2"), cwd=REPO,
+                            env={**os.environ, "FAKE_SLEEP": "120"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_for(lambda: all(_calls(out / f"trial-00{i}") for i in (1, 2)), proc)
+        proc.stdout.close()  # the terminal is gone: what the sweep prints next goes nowhere (EPIPE here, EIO on a tty)
+        proc.send_signal(signal.SIGHUP)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        for pid in _trial_processes(out):
+            os.kill(pid, signal.SIGKILL)
+    trials = read_ledger(out / "sweep.jsonl")[1]
+    assert [(trials[i]["status"], trials[i]["returncode"]) for i in (1, 2)] == [("interrupted", 0)] * 2, \
+        proc.stderr.read()
+    assert all("stopped" in _calls(out / f"trial-00{i}")[-1] for i in (1, 2))
+
+
+def test_under_nohup_a_hangup_leaves_the_sweep_running(tmp_path):
+    spec, out = _spec(tmp_path, "  optim.lr: {values: [0.1, 0.2]}"), tmp_path / "out"
+    proc = subprocess.Popen(_sweep_cmd(spec, out), cwd=REPO, env={**os.environ, "FAKE_SLEEP": "2"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup does
+    try:
+        _wait_for(lambda: _calls(out / "trial-001"), proc)
+        proc.send_signal(signal.SIGHUP)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stdout + stderr
+    assert [read_ledger(out / "sweep.jsonl")[1][i]["status"] for i in (1, 2)] == ["finished", "finished"]
+
+def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path, capsys):
+    spec, out = _spec(tmp_path, "  optim.lr: {values: [0.1, 0.2]}"), tmp_path / "out"
+    proc = subprocess.Popen(_sweep_cmd(spec, out), cwd=REPO, env={**os.environ, "FAKE_SLEEP": "120"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: _calls(out / "trial-001"), proc)
+        rc, _, err = _sweep(spec, "--out", out, capsys=capsys)
+        assert rc == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"mmtrain: error: {out} is in use by another mmtrain sweep (pid {proc.pid})"), err
+        assert len(_calls(out / "trial-001")) == 1 and not (out / "trial-002").exists()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and read_ledger(out / "sweep.jsonl")[1][1]["status"] == "interrupted", stdout + stderr
+
+
+def test_trials_an_earlier_sweep_left_running_hold_their_folder_until_they_end(tmp_path, capsys, monkeypatch):
+    """Where nothing stopped them with their sweep (no PR_SET_PDEATHSIG, or a trial that ignores SIGTERM), a
+    re-run waits for them a while, then refuses rather than start a second copy in the same folder."""
+    import psutil
+
+    spec, out = _spec(tmp_path, "  optim.lr: {values: [0.1, 0.2]}"), tmp_path / "out"
+    assert _sweep(spec, "--out", out, "--count", "1", capsys=capsys)[0] == 0
+    folder = out / "trial-002"  # trial 2 as a SIGKILLed sweep leaves it: started, still running, its own session
+    folder.mkdir()
+    orphan = subprocess.Popen([sys.executable, str(tmp_path / "fake_train.py"), "--optim.lr=0.2",
+                               f"--train.output_dir={folder}"], env={**os.environ, "FAKE_SLEEP": "120"},
+                              start_new_session=True)
+    try:
+        _wait_for(lambda: _calls(folder), orphan)
+        with (out / "sweep.jsonl").open("a") as f:
+            f.write(json.dumps({"trial": 2, "params": {"optim.lr": 0.2}, "status": "started", "output_dir": str(folder),
+                                "attempt": 1, "pid": orphan.pid,
+                                "pid_created": psutil.Process(orphan.pid).create_time()}) + "\n")
+        monkeypatch.setattr("mmtrain.sweep_ledger.ORPHAN_WAIT", 1.0)
+        rc, stdout, err = _sweep(spec, "--out", out, capsys=capsys)
+        assert rc == 2 and err.count("\n") == 1 and f"trial-002 (pid {orphan.pid})" in err, err
+        assert "waiting" in stdout and len(_calls(folder)) == 1
+    finally:
+        orphan.terminate()
+        orphan.wait()
+    rc, stdout, err = _sweep(spec, "--out", out, capsys=capsys)
+    assert rc == 0 and _starts(folder)[-1][-1] == "--train.resume=auto", stdout + err
 
 
 # ------------------------------------------------------------------------------------- end to end

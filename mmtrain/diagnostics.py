@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from tqdm.auto import tqdm
 
 from mmtrain.config import Config, DiagnosticsConfig
@@ -189,6 +191,22 @@ def _finite(values: np.ndarray) -> np.ndarray:
     return np.isfinite(values)
 
 
+def _rolling_median(values: np.ndarray, window: int, inclusive: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per index i: (median, count) of the finite values among the ``window`` before i (``inclusive``:
+    ending at i). Vectorised: the report runs this on 100 histories of 10,000 records."""
+    padded = np.r_[np.full(window, np.nan), values]
+    windows = sliding_window_view(padded, window)[1:] if inclusive else sliding_window_view(padded, window)[:-1]
+    counts = np.isfinite(windows).sum(axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN window: its count says so
+        medians = np.nanmedian(windows, axis=1) if len(windows) else np.zeros(0)
+    return medians, counts
+
+
+def _first(mask: np.ndarray) -> int | None:
+    return int(np.argmax(mask)) if mask.any() else None
+
+
 def _first_run(mask: np.ndarray, length: int) -> int | None:
     """Index where ``mask`` has been True for ``length`` entries in a row for the first time."""
     count = 0
@@ -207,15 +225,12 @@ def gradient_explosion(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Fin
     hits = []
     for name in ("grad_norm", "grad_max"):
         steps, values = h.series(name)
-        for i in range(h.start(name, t.window, t.min_logs), len(values)):
-            before = values[max(0, i - t.window):i]
-            before = before[_finite(before)]
-            if len(before) < t.min_logs or not math.isfinite(values[i]):
-                continue
-            median = float(np.median(before))
-            if median > 0 and values[i] > t.explosion_factor * median:
-                hits.append((int(steps[i]), name, float(values[i]), median, "its rolling median"))
-                break
+        medians, counts = _rolling_median(values, t.window, inclusive=False)
+        judged = np.arange(len(values)) >= h.start(name, t.window, t.min_logs)
+        with np.errstate(invalid="ignore"):
+            spikes = judged & (counts >= t.min_logs) & (medians > 0) & (values > t.explosion_factor * medians)
+        if (i := _first(spikes)) is not None:
+            hits.append((int(steps[i]), name, float(values[i]), float(medians[i]), "its rolling median"))
     steps, loss = h.series("total_loss")
     # lowest[i]: the lowest loss before index i, counting what a tail no longer holds.
     lowest = np.fmin.accumulate(np.r_[h.dropped.get("total_loss", Dropped()).low, loss])
@@ -420,12 +435,11 @@ def gpu_memory(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | N
 def _rolling_median_above(h: History, name: str, t: DiagnosticsConfig, limit: float) -> tuple[int, float] | None:
     """First index whose median over the last ``window`` records (at least ``min_logs``) exceeds ``limit``."""
     _, values = h.series(name)
-    for i in range(h.start(name, t.window - 1, t.min_logs - 1), len(values)):
-        recent = values[max(0, i - t.window + 1):i + 1]
-        recent = recent[_finite(recent)]
-        if len(recent) >= t.min_logs and (median := float(np.median(recent))) > limit:
-            return i, median
-    return None
+    medians, counts = _rolling_median(values, t.window, inclusive=True)
+    judged = np.arange(len(values)) >= h.start(name, t.window - 1, t.min_logs - 1)
+    with np.errstate(invalid="ignore"):
+        i = _first(judged & (counts >= t.min_logs) & (medians > limit))
+    return None if i is None else (i, float(medians[i]))
 
 
 def data_wait(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
@@ -514,6 +528,13 @@ def thresholds_from(config: Mapping[str, Any]) -> DiagnosticsConfig:
     known = {f.name for f in fields(DiagnosticsConfig)}
     given = config.get("diagnostics") or {}
     return DiagnosticsConfig(**{k: v for k, v in given.items() if k in known})
+
+
+def diagnose_columns(columns: Mapping[str, Series], config: Mapping[str, Any]) -> list[Finding]:
+    """The findings of one run from its history as columns (name -> (steps, values), as
+    ``History`` takes them) and its ``config.yaml`` (parsed, nested sections)."""
+    history = History(columns)
+    return diagnose(history, thresholds_from(config), RunContext.from_config(config, history))
 
 
 def diagnose_run(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> list[Finding]:

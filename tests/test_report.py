@@ -6,15 +6,12 @@ Real runs are trained once per test session (trained_runs(); the browser test us
 
 import atexit
 import csv
-import importlib.util
 import json
 import math
 import random
 import shutil
 import statistics
-import sys
 import tempfile
-import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -379,16 +376,15 @@ def test_report_of_a_synthetic_sweep(tmp_path, capsys):
     assert f"optim.lr is the only parameter that varies: correlation {r:+.2f}" in html
     assert "wandb.name" not in html[html.index('id="importance"'):html.index("</table>", html.index('id="importance"'))]
     # Findings: trial-003's spike, with its evidence and a link to the gradients panel.
-    if importlib.util.find_spec("mmtrain.diagnostics"):  # the rules themselves are tested with that module
-        block = html[html.index('id="findings-trial-003"'):]
-        block = block[:block.index("</details>")]
-        assert "gradient_explosion" in block and 'href="#panel-gradients"' in block
-        found = runs.load_run(sweep / "trial-003", "trial-003", drawn_metric).findings  # diagnose_run's
-        assert any(f["rule"] == "gradient_explosion" for f in found)
-        for f in found:
-            assert f["message"] in block
-            for k, v in f["evidence"].items():
-                assert f"<code>{k} = {v:.4g}</code>" in block
+    block = html[html.index('id="findings-trial-003"'):]
+    block = block[:block.index("</details>")]
+    assert "gradient_explosion" in block and 'href="#panel-gradients"' in block
+    found = runs.load_run(sweep / "trial-003", "trial-003", drawn_metric).findings  # diagnose_run's
+    assert any(f["rule"] == "gradient_explosion" for f in found)
+    for f in found:
+        assert f["message"] in block
+        for k, v in f["evidence"].items():
+            assert f"<code>{k} = {v:.4g}</code>" in block
     # Media: the caption tables, ground truth vs generated.
     assert "<td>two circles</td><td class=\"mismatch\">two squares</td>" in html
     # Exports.
@@ -405,9 +401,8 @@ def test_report_of_a_synthetic_sweep(tmp_path, capsys):
         assert float(row["final_validation_loss"]) == pytest.approx(finals[row["run"]])
         assert row["optim.lr"] and row["train.seed"] and row["last/val/total_loss"]
     assert summary[-1]["status"] == "in progress" and summary[-1]["final_validation_loss"] == ""
-    if importlib.util.find_spec("mmtrain.diagnostics"):
-        assert "gradient_explosion" in summary[3]["findings_rules"].split(";")
-        assert "gradient_explosion" not in summary[0]["findings_rules"].split(";")
+    assert "gradient_explosion" in summary[3]["findings_rules"].split(";")
+    assert "gradient_explosion" not in summary[0]["findings_rules"].split(";")
     assert "mmtrain report: 7 run(s)" in capsys.readouterr().err
     grids = sorted(p.relative_to(out).as_posix() for p in (out / "media").rglob("*.png"))
     assert len(grids) == 6 * 3 + 1 and "media/trial-001/reconstructions/step_00000015.png" in grids
@@ -448,17 +443,17 @@ class FakeFinding:
 
 
 def test_findings_are_shown_with_evidence_and_a_panel_link(tmp_path, monkeypatch):
-    """The page's wiring of findings, independent of the rules: a stand-in diagnose_run, then none at
-    all (the findings summary.json recorded are shown instead)."""
+    """The page's wiring of findings, independent of the rules: a stand-in for the rules, then rules
+    that fail on this run (the findings summary.json recorded are shown instead, with the error)."""
     seen = []
 
-    def diagnose_run(records, config):
-        seen.append((len(records), config["optim"]["lr"]))
+    def diagnose_columns(columns, config):
+        seen.append((len(columns["total_loss"][0]), config["optim"]["lr"]))
         return [FakeFinding("gradient_explosion", 7, "warning", "spike <b>here</b>", {"grad_norm": 123.456789},
                             "gradients"),
                 FakeFinding("lr_schedule", 3, "info", "schedule off", {"learning_rate": 0.5, "note": "x"}, "lr")]
 
-    monkeypatch.setitem(sys.modules, "mmtrain.diagnostics", types.SimpleNamespace(diagnose_run=diagnose_run))
+    monkeypatch.setattr(runs, "diagnose_columns", diagnose_columns)
     write_run(tmp_path / "a", lr=2e-3)
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     summary["findings"] = [{"rule": "data_wait", "step": 4, "severity": "warning", "message": "recorded in training",
@@ -473,8 +468,11 @@ def test_findings_are_shown_with_evidence_and_a_panel_link(tmp_path, monkeypatch
     assert "<code>grad_norm = 123.5</code>" in block and "<code>note = x</code>" in block
     assert '<a href="#panel-lr">' in block and "recorded in training" not in block
     assert "1 warning(s), 1 info" in block
-    # Without the diagnostics module: what summary.json recorded, said so.
-    monkeypatch.setitem(sys.modules, "mmtrain.diagnostics", None)  # import raises ImportError
+    # Rules that fail on this run: what summary.json recorded, said so.
+    def failing(columns, config):
+        raise ValueError("odd run")
+
+    monkeypatch.setattr(runs, "diagnose_columns", failing)
     assert report(str(tmp_path / "a"), "--out", str(tmp_path / "r2"), "--no-png") == 0
     html = (tmp_path / "r2" / "index.html").read_text()
     assert "recorded in training" in html and "findings recorded in summary.json" in html

@@ -13,7 +13,6 @@ need the parsed lines, which are too big to send back to the parent).
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
 import math
@@ -26,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import yaml
 
+from mmtrain.diagnostics import diagnose_columns
 from mmtrain.errors import UserError
 
 METRICS = "metrics.jsonl"
@@ -248,7 +249,7 @@ def _parse_lines(text: str) -> tuple[list[dict[str, Any]], list[str], int]:
     """(records, their lines, lines skipped). A line that is not a JSON object with an integer ``step``
     is skipped: the last line of a run in progress may be cut off mid-write."""
     records, lines, skipped = [], [], 0
-    loads = json.loads
+    loads = orjson.loads  # 5x json.loads: parsing is most of a report's time on a big sweep
     for line in text.splitlines():
         if not line.strip():
             continue
@@ -407,30 +408,16 @@ def drawn_series(columns: dict[str, tuple[np.ndarray, np.ndarray]], keep: Callab
     return series
 
 
-def _diagnose(records: list[dict[str, Any]], columns: dict[str, tuple[np.ndarray, np.ndarray]],
-              config: dict[str, Any], summary: dict[str, Any] | None) -> tuple[list[dict[str, Any]], str, str | None]:
-    """(findings as dicts, where they come from, error text). The rules are mmtrain.diagnostics' (the
-    same functions training runs); without that module the findings summary.json recorded are shown.
-
-    ``diagnose_run(records, config)`` would first rebuild the columns already read here value by value
-    (a quarter of a second per 10,000 lines); so when the module has its History/diagnose parts, the
-    history is handed over as columns: the same rules on the same numbers (tests/test_report.py checks
-    the two agree)."""
-    recorded = [f for f in (summary or {}).get("findings") or [] if isinstance(f, dict)]
+def _diagnose(columns: dict[str, tuple[np.ndarray, np.ndarray]], config: dict[str, Any],
+              summary: dict[str, Any] | None) -> tuple[list[dict[str, Any]], str, str | None]:
+    """(findings as dicts, where they come from, error text): mmtrain.diagnostics' rules (the same
+    functions training runs) on the columns already read here; tests/test_report.py checks they agree
+    with ``diagnose_run`` on the parsed lines. A rule that fails on one odd run must not cost the
+    whole report: the findings summary.json recorded are shown, with the error on the page."""
     try:
-        diagnostics = importlib.import_module("mmtrain.diagnostics")
-    except ImportError:
-        return recorded, ("summary.json" if recorded else "none"), None
-    try:
-        parts = ("History", "diagnose", "thresholds_from", "RunContext")
-        if all(hasattr(diagnostics, p) for p in parts):
-            history = diagnostics.History(columns)
-            found = diagnostics.diagnose(history, diagnostics.thresholds_from(config),
-                                         diagnostics.RunContext.from_config(config, history))
-        else:
-            found = diagnostics.diagnose_run(records, config)
-        return [f.to_dict() for f in found], "diagnose_run", None
-    except Exception as e:  # a rule failing on one odd run must not cost the whole report: shown on the page
+        return [f.to_dict() for f in diagnose_columns(columns, config)], "diagnose_run", None
+    except Exception as e:
+        recorded = [f for f in (summary or {}).get("findings") or [] if isinstance(f, dict)]
         return recorded, ("summary.json" if recorded else "none"), f"{type(e).__name__}: {e}"
 
 
@@ -455,7 +442,7 @@ def load_run(path: Path, name: str, keep: Callable[[str], bool], history: Path |
         append_text(history, history_rows(name, records, lines, plain.tolist(), nulls))
     del lines
     t3 = time.perf_counter()
-    findings, source, error = _diagnose(records, columns, config, summary) if diagnose else ([], "none", None)
+    findings, source, error = _diagnose(columns, config, summary) if diagnose else ([], "none", None)
     t4 = time.perf_counter()
     status = "in progress" if summary is None else str(summary.get("status") or "finished")
     last = {k: float(v[-1]) for k, (_, v) in columns.items() if len(v)}

@@ -311,6 +311,10 @@ def latent_blowup(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding 
     if not len(bad):
         return None
     i = int(bad[0])
+    if not math.isfinite(std[i]):
+        return Finding("latent_blowup", int(steps[i]), "warning",
+                       f"latent blow-up at step {steps[i]}: latent_std is {std[i]}", {"latent_std": float(std[i])},
+                       "latent")
     return Finding("latent_blowup", int(steps[i]), "warning",
                    f"latent blow-up at step {steps[i]}: latent_std {std[i]:.4g} is over {t.latent_blowup_factor:g}x "
                    f"its first value {first:.4g}",

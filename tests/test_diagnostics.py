@@ -201,7 +201,7 @@ def problem_records() -> list[dict]:
     records = healthy(60, grad_norm=norms, latent_mean=mean, **{"hw/max/data_wait_fraction": [0.01] * 45 + [0.5] * 15})
     train = [5.0, 4.0, 3.0, 2.5, 2.0, 1.5]
     val = [4.5, 3.9, 3.5, 3.4, 3.45, 3.5]
-    for e, r in enumerate(epoch_records(train, val, **{"val/caption_accuracy": [0.1, 0.2, 0.2, 0.2, 0.2, 0.2]})):
+    for r in epoch_records(train, val, **{"val/caption_accuracy": [0.1, 0.2, 0.2, 0.2, 0.2, 0.2]}):
         line = next(x for x in records if x["step"] == r["step"])
         line.update(r)
     return records

@@ -306,7 +306,9 @@ class DiagnosticsConfig:
     gpu_memory_high: float = _f(90.0, "GPU memory: peak device memory above this percent of the device ...")
     gpu_memory_low: float = _f(30.0, "... or below this percent for min_logs records in a row.")
     data_wait_share: float = _f(0.10, "Input-bound: median data_wait_fraction of the slowest rank over the "
-                                      "last `window` records above this.")
+                                      "last `window` records above this ...")
+    host_cpu_busy: float = _f(90.0, "... while a GPU is in use or the host's median system_cpu_percent is below this "
+                                    "(with every core busy, more loader workers cannot help).")
     straggler_ratio: float = _f(1.2, "Straggler: median over the last `window` records of the slowest rank's "
                                      "step time / the mean of all ranks above this.")
 
@@ -322,6 +324,7 @@ class DiagnosticsConfig:
         _require(self.alert_wait_minutes >= 0, s, "alert_wait_minutes", "must be >= 0", self.alert_wait_minutes)
         _require(0 < self.dominance_share <= 1, s, "dominance_share", "must be in (0, 1]", self.dominance_share)
         _require(0 < self.data_wait_share < 1, s, "data_wait_share", "must be in (0, 1)", self.data_wait_share)
+        _require(0 < self.host_cpu_busy <= 100, s, "host_cpu_busy", "must be in (0, 100]", self.host_cpu_busy)
         _require(0 <= self.gpu_memory_low < self.gpu_memory_high <= 100, s, "gpu_memory_low",
                  "and gpu_memory_high must satisfy 0 <= low < high <= 100",
                  (self.gpu_memory_low, self.gpu_memory_high))

@@ -448,17 +448,31 @@ def _rolling_median_above(h: History, name: str, t: DiagnosticsConfig, limit: fl
 
 def data_wait(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:
     """The slowest rank's share of step time spent waiting for data: median over the last ``window``
-    records above ``data_wait_share``."""
+    records above ``data_wait_share``, while hardware waits with it: a GPU is in use, or the host's
+    cores are not all busy (median ``system_cpu_percent`` below ``host_cpu_busy``). On a CPU run whose
+    cores are saturated, loading competes with compute for the same cores and more loader workers
+    cannot help: that is not a finding."""
     name = "hw/max/data_wait_fraction" if len(h.series("hw/max/data_wait_fraction")[1]) else "data_wait_fraction"
-    hit = _rolling_median_above(h, name, t, t.data_wait_share)
-    if hit is None:
+    gpu = bool(np.isfinite(h.series("hw/max/gpu_memory_percent")[1]).any())
+    if gpu or not len(h.series("system_cpu_percent")[1]):
+        steps, wait = h.series(name)
+        cpu = np.zeros(len(wait))
+    else:
+        steps, wait, cpu = h.aligned(name, "system_cpu_percent")
+    waits, counts = _rolling_median(wait, t.window, inclusive=True)
+    cpus, _ = _rolling_median(cpu, t.window, inclusive=True)
+    judged = np.arange(len(wait)) >= h.start(name, t.window - 1, t.min_logs - 1)
+    with np.errstate(invalid="ignore"):
+        i = _first(judged & (counts >= t.min_logs) & (waits > t.data_wait_share) & ~(cpus >= t.host_cpu_busy))
+    if i is None:
         return None
-    i, median = hit
-    step = int(h.series(name)[0][i])
+    step, median = int(steps[i]), float(waits[i])
+    idle = "the GPU waits with it" if gpu else f"host CPU {cpus[i]:.0f}% busy"
     return Finding("data_wait", step, "warning",
                    f"input-bound at step {step}: {median:.0%} of step time waits for data (median of the last "
-                   f"{t.window} records; threshold {t.data_wait_share:.0%}); raise data.num_workers",
-                   {"data_wait_fraction": median, "threshold": t.data_wait_share}, "throughput")
+                   f"{t.window} records; threshold {t.data_wait_share:.0%}; {idle}); raise data.num_workers",
+                   {"data_wait_fraction": median, "threshold": t.data_wait_share,
+                    **({} if gpu else {"system_cpu_percent": float(cpus[i])})}, "throughput")
 
 
 def straggler(h: History, t: DiagnosticsConfig, ctx: RunContext) -> Finding | None:

@@ -295,7 +295,7 @@ def test_history_rows_equal_the_naive_rows_for_odd_values():
         json.dumps({"step": 7, "a": 1.0, "m": "x"}),
         json.dumps({"step": 8, "a": "text", "m": 2.0}),  # same keys as step 7, other types
     ]
-    records, kept, _ = runs._parse_lines("\n".join(lines))
+    records, kept, _ = runs.parse_lines("\n".join(lines))
     columns, media, plain, nulls = runs.columns_of(records)
     assert plain.tolist() == [True, False, False, False, False, True, False, False] and nulls
     assert media == {"media/x": [(2, "media/x.png")]}
@@ -554,7 +554,7 @@ def test_report_of_real_runs_with_pngs_and_media(tmp_path):
     from mmtrain.diagnostics import diagnose_run
 
     for name in ("lr3e-3-seed1", "running"):
-        recs, _, _ = runs._parse_lines((root / name / "metrics.jsonl").read_text())
+        recs, _, _ = runs.parse_lines((root / name / "metrics.jsonl").read_text())
         for f in diagnose_run(recs, runs.read_config(root / name)):
             assert f.message.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") in html
     summary = list(csv.DictReader((out / "summary.csv").open()))

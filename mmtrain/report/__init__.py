@@ -17,7 +17,8 @@ Why plotly: its charts have hover values, zoom and legend toggling built in, its
 inside the Python package (written next to the page, so no CDN), and the same figures render to
 PNG through kaleido, so the page and the paper figures never disagree.
 
-Modules: runs (find and read run folders), analysis (pure numbers), figures (plotly figures),
+Modules: runs (find and read run folders), histories (one run's metrics.jsonl), analysis (pure
+numbers), figures (plotly figures of the metric panels), comparison (figures comparing runs),
 page (the HTML), exports (CSV, PNG, manifest), assets (CSS/JS text).
 """
 
@@ -122,7 +123,7 @@ def build_report(inputs: Sequence[str | Path], out: Path, max_points: int = 2000
                  workers: int | None = None, warn: Callable[[str], None] = _warn) -> ReportResult:
     """Build the report of the runs under ``inputs`` into ``out`` (see the module doc). Raises UserError
     for an input that does not exist or holds no run, an unreadable config.yaml, or an unusable ``out``."""
-    from mmtrain.report import analysis, exports, figures, page, runs
+    from mmtrain.report import analysis, comparison, exports, figures, page, runs
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -169,11 +170,11 @@ def build_report(inputs: Sequence[str | Path], out: Path, max_points: int = 2000
                      for p in panels}
     analysis_figures = {}
     for key, title, fig in [
-        ("fig-seeds", "Seed spread", figures.seeds_figure(ctx)),
-        ("fig-importance", "Parameter importance", figures.importance_figure(importance)),
+        ("fig-seeds", "Seed spread", comparison.seeds_figure(ctx)),
+        ("fig-importance", "Parameter importance", comparison.importance_figure(importance)),
         ("fig-hyperparameters", "Final validation loss vs parameters",
-         figures.hyperparameter_figure(ctx, params, target_runs)),
-        ("fig-parallel", "Parallel coordinates", figures.parallel_figure(ctx, params, target_runs)),
+         comparison.hyperparameter_figure(ctx, params, target_runs)),
+        ("fig-parallel", "Parallel coordinates", comparison.parallel_figure(ctx, params, target_runs)),
     ]:
         if fig is not None:
             analysis_figures[key] = page.FigureEntry(key, title, fig)

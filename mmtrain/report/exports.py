@@ -82,7 +82,9 @@ def write_pngs(figures: Sequence[tuple[dict[str, Any], Path]], width: int = 1400
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # kaleido's notes about its browser; failures are reported below
-            kaleido.write_fig_from_object_sync(specs, kopts={"mathjax": False})
+            # One tab per core: a figure renders on one core, and figures are independent.
+            tabs = min(len(specs), os.cpu_count() or 1)
+            kaleido.write_fig_from_object_sync(specs, kopts={"mathjax": False, "n": tabs})
     except ChromeNotFoundError:
         where = os.environ.get("BROWSER_PATH")
         return ("PNGs skipped: kaleido found no Chrome/Chromium" + (f" at BROWSER_PATH={where}" if where else "")

@@ -326,6 +326,14 @@ def _hover(label: str, metric: str) -> str:
     return f"<b>{label}</b><br>{metric}<br>step %{{x}}<br>%{{y:.5g}}<extra></extra>"
 
 
+def _unit_trace(label: str, show_legend: bool, visible: bool, x: str, y: str, metric: str,
+                std: np.ndarray | None) -> dict[str, Any]:
+    """What a unit's training line and its validation points share: name, legend group, axes, hover."""
+    return {"type": "scatter", "name": label, "legendgroup": label, "showlegend": show_legend, "xaxis": x, "yaxis": y,
+            "hovertemplate": _hover(label + (" (mean ± std)" if std is not None else ""), metric),
+            **({} if visible else {"visible": "legendonly"})}
+
+
 def metric_figure(ctx: Context, panel: Panel) -> dict[str, Any]:
     """One metric panel as a figure: a subplot per chart, every unit overlaid (see module doc)."""
     charts = panel.charts or (Chart("nothing logged"),)
@@ -364,11 +372,9 @@ def metric_figure(ctx: Context, panel: Panel) -> dict[str, Any]:
                     data.append(_band_trace(steps[idx], values[idx] - np.nan_to_num(std[idx]),
                                             values[idx] + np.nan_to_num(std[idx]), color, group, x, y))
                 data.append({
-                    "type": "scatter", "mode": "lines", "x": typed(steps[idx]), "y": typed(values[idx]),
-                    "name": label, "legendgroup": group, "showlegend": legend(group), "xaxis": x, "yaxis": y,
-                    "line": {"color": color, "width": 1.4 if visible else 1.0, "dash": DASHES[k % len(DASHES)]},
-                    "hovertemplate": _hover(label + (" (mean ± std)" if std is not None else ""), metric),
-                    **({} if visible else {"visible": "legendonly"})})
+                    **_unit_trace(label, legend(group), visible, x, y, metric, std), "mode": "lines",
+                    "x": typed(steps[idx]), "y": typed(values[idx]),
+                    "line": {"color": color, "width": 1.4 if visible else 1.0, "dash": DASHES[k % len(DASHES)]}})
             for k, metric in enumerate(chart.points):
                 got = _unit_series(ctx, unit, metric)
                 if got is None:
@@ -376,13 +382,11 @@ def metric_figure(ctx: Context, panel: Panel) -> dict[str, Any]:
                 drew = True
                 steps, values, std = got
                 trace = {
-                    "type": "scatter", "mode": "lines+markers", "x": typed(steps), "y": typed(values),
-                    "name": label, "legendgroup": group, "showlegend": legend(group), "xaxis": x, "yaxis": y,
+                    **_unit_trace(label, legend(group), visible, x, y, metric, std), "mode": "lines+markers",
+                    "x": typed(steps), "y": typed(values),
                     "line": {"color": color, "width": 1.0,
                              "dash": DASHES[(k + (1 if chart.lines else 0)) % len(DASHES)]},
-                    "marker": {"color": color, "size": 6, "symbol": "circle" if k == 0 else "diamond"},
-                    "hovertemplate": _hover(label + (" (mean ± std)" if std is not None else ""), metric),
-                    **({} if visible else {"visible": "legendonly"})}
+                    "marker": {"color": color, "size": 6, "symbol": "circle" if k == 0 else "diamond"}}
                 if std is not None:
                     trace["error_y"] = {"type": "data", "array": typed(np.nan_to_num(std)), "visible": True,
                                         "color": color, "thickness": 1}

@@ -45,9 +45,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
 
+from mmtrain.checkpoint_weights import load_weights, save_weights
 from mmtrain.config import CheckpointConfig, Config
 from mmtrain.errors import CheckpointError
 from mmtrain.fsio import TMP_PREFIX, replace_dir
@@ -274,6 +273,7 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
+        save_weights(acc, self.objects.model, self.objects.optimizer, tmp)
         torch.save({name: s.state_dict() for name, s in self.rank_states.items()},
                    tmp / f"rank_{acc.process_index:05d}.pt")
         if acc.is_main_process:
@@ -286,10 +286,8 @@ class CheckpointManager:
         return final
 
     def write_shared(self, tmp: Path) -> None:
-        """The main rank's files: weights, optimizer, schedule, scaler, tokenizer, config."""
+        """The main rank's files besides the weights: schedule, scaler, tokenizer, config."""
         o = self.objects
-        save_model(o.model, str(tmp / "model.safetensors"))  # de-duplicates the tied embedding
-        torch.save(o.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(o.scheduler.state_dict(), tmp / "scheduler.pt")
         if o.scaler is not None:
             torch.save(o.scaler.state_dict(), tmp / "scaler.pt")
@@ -320,16 +318,7 @@ class CheckpointManager:
                 f"{path} was written by {meta['world_size']} process(es) and this run has {acc.num_processes}: the "
                 f"data order, the per-rank RNG states and the schedule depend on it. Resume with "
                 f"{meta['world_size']} process(es), or start a new run (--train.resume none) from the exported weights")
-        try:
-            missing, unexpected = load_model(o.model, str(path / "model.safetensors"), strict=False,
-                                             device=str(device))
-        except (OSError, RuntimeError, ValueError, SafetensorError) as e:
-            raise CheckpointError(f"{path / 'model.safetensors'} cannot be loaded ({e}); resume from another "
-                                  "checkpoint") from None
-        if missing or unexpected:
-            raise CheckpointError(f"{path / 'model.safetensors'} does not fit this model (missing "
-                                  f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
-        o.optimizer.load_state_dict(safe_load(path / "optimizer.pt", device))
+        load_weights(acc, o.model, o.optimizer, path, device)
         o.scheduler.load_state_dict(safe_load(path / "scheduler.pt"))
         if o.scaler is not None and (path / "scaler.pt").is_file():
             o.scaler.load_state_dict(safe_load(path / "scaler.pt"))

@@ -20,7 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -99,9 +99,23 @@ class StepAgreement:
         return [bool(v) for v in t.tolist()]
 
 
+def slurm_job_to_requeue(environ: Mapping[str, str] | None = None) -> str | None:
+    """The id that ``scontrol requeue`` must be given for this job, or None outside SLURM.
+
+    A task of a job array is ``<SLURM_ARRAY_JOB_ID>_<SLURM_ARRAY_TASK_ID>``: its own SLURM_JOB_ID
+    would do for most tasks, but the first task's SLURM_JOB_ID *is* the array's id, and
+    ``scontrol requeue <array id>`` requeues every task of the array (Lightning #15022).
+    """
+    env = os.environ if environ is None else environ
+    array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    if array_job and array_task:
+        return f"{array_job}_{array_task}"
+    return env.get("SLURM_JOB_ID") or None
+
+
 def requeue_slurm_job() -> str:
-    """``scontrol requeue $SLURM_JOB_ID``; returns what happened, for the log."""
-    job = os.environ.get("SLURM_JOB_ID")  # an array task has its own job id too
+    """``scontrol requeue`` this job (or this task of a job array); returns what happened, for the log."""
+    job = slurm_job_to_requeue()
     if not job:
         return "not under SLURM (no SLURM_JOB_ID): not requeued"
     if shutil.which("scontrol") is None:

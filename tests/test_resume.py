@@ -209,7 +209,8 @@ def test_sigusr1_to_every_process_of_a_launch_sh_job_saves_and_requeues(tmp_path
     calls = tmp_path / "scontrol.calls"
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
     (bin_dir / "scontrol").chmod(0o755)
-    env = _env(NUM_PROCESSES="2", SLURM_JOB_ID="77", PATH=f"{bin_dir}:{os.environ['PATH']}",
+    # SLURM_STEP_ID: this is one node's task of a step (`srun launch.sh`), not the batch script.
+    env = _env(NUM_PROCESSES="2", SLURM_JOB_ID="77", SLURM_STEP_ID="0", PATH=f"{bin_dir}:{os.environ['PATH']}",
                PYTHON=sys.executable)
     cmd = ["bash", str(REPO / "launch.sh"), *ARGS, "--train.epochs", "60", "--checkpoint.every_steps", "0",
            "--wandb.mode", "disabled", "--train.resume", "auto", "--train.output_dir", str(out)]

@@ -14,7 +14,8 @@ A checkpoint is ``checkpoints/step_XXXXXXXX/``::
     optimizer.pt        AdamW state (identical on every rank after DDP's all-reduce)
     scheduler.pt        the LR schedule's position
     scaler.pt           fp16 GradScaler state, when there is one
-    rank_NNNNN.pt       per rank: every per-rank state, by name (RNG, telemetry windows)
+    rank_NNNNN.pt       per rank: every per-rank state, by name (RNG, telemetry windows); with
+                        another process count each state re-shards them (load_resharded_state)
     tokenizer/          the tokenizer the run trains with
     config.yaml         the resolved config
     train_state.json    format, world size, step, and every shared state by name (written last)
@@ -113,6 +114,26 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+@dataclass(frozen=True)
+class Resharding:
+    """A checkpoint written by ``saved_world_size`` processes, loaded by ``world_size`` others: what a
+    per-rank state needs to re-derive or merge its saved per-rank states for rank ``rank``."""
+
+    saved_world_size: int
+    world_size: int
+    rank: int
+    seed: int  # train.seed
+    step: int  # the checkpoint's optimizer step
+
+
+def derived_rng_seed(seed: int, step: int, rank: int) -> int:
+    """The 64-bit seed of rank ``rank``'s RNG streams after an elastic resume at optimizer ``step``:
+    NumPy's SeedSequence of (train.seed, step, rank), so that each (run, step, rank) gets its own
+    well-separated stream, the same on every resume of that checkpoint with that layout."""
+    low, high = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
+    return int(low) | int(high) << 32
+
+
 class RNGState:
     """This rank's RNG streams as a registrable state (per rank: each rank draws its own dropout)."""
 
@@ -121,6 +142,15 @@ class RNGState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         restore_rng(state)
+
+    def load_resharded_state(self, saved: list[dict[str, Any]], resharding: Resharding) -> None:
+        """Another number of processes: the saved streams cannot map one-to-one onto the new ranks,
+        so every stream (Python, NumPy, torch CPU and CUDA) is re-seeded with
+        :func:`derived_rng_seed` (train.seed, the checkpoint's optimizer step, the new rank)."""
+        seed = derived_rng_seed(resharding.seed, resharding.step, resharding.rank)
+        random.seed(seed)
+        np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
+        torch.manual_seed(seed)  # CPU and every CUDA device
 
 
 @dataclass
@@ -309,26 +339,44 @@ class CheckpointManager:
         """Load the checkpoint at ``path`` into the training objects and every registered state, in
         place; returns its ``train_state.json``. Every rank reads the shared files itself (no
         broadcast of large tensors). RNG streams are restored too: set-up work done after this
-        belongs inside :func:`rng_preserved`."""
+        belongs inside :func:`rng_preserved`.
+
+        A checkpoint of another process count (an elastic resume) loads the same weights, optimizer,
+        schedule and shared states; the per-rank states go through :meth:`load_resharded`. Raises
+        CheckpointError when a file is missing or unsafe."""
         meta = read_train_state(path)
         acc, o = self.accelerator, self.objects
         device = torch.device("cpu") if acc.device.type == "cpu" else acc.device  # loaders refuse "cpu:0"
-        if meta["world_size"] != acc.num_processes:
-            raise CheckpointError(
-                f"{path} was written by {meta['world_size']} process(es) and this run has {acc.num_processes}: the "
-                f"data order, the per-rank RNG states and the schedule depend on it. Resume with "
-                f"{meta['world_size']} process(es), or start a new run (--train.resume none) from the exported weights")
+        saved_world = int(meta["world_size"])
+        # Every rank file is read before anything is loaded: a missing one refuses the checkpoint intact.
+        ranks = [safe_load(path / f"rank_{r:05d}.pt") for r in
+                 ([acc.process_index] if saved_world == acc.num_processes else range(saved_world))]
         load_weights(acc, o.model, o.optimizer, path, device)
         o.scheduler.load_state_dict(safe_load(path / "scheduler.pt"))
         if o.scaler is not None and (path / "scaler.pt").is_file():
             o.scaler.load_state_dict(safe_load(path / "scaler.pt"))
-        rank = safe_load(path / f"rank_{acc.process_index:05d}.pt")
         for name, state in self.states.items():
             state.load_state_dict(meta.get(name, {}))
-        for name, state in self.rank_states.items():
-            state.load_state_dict(rank[name])
+        if saved_world == acc.num_processes:  # the same layout: each rank continues its own streams exactly
+            for name, state in self.rank_states.items():
+                state.load_state_dict(ranks[0][name])
+        else:
+            self.load_resharded(path, ranks, Resharding(saved_world, acc.num_processes, acc.process_index,
+                                                        o.config.train.seed, int(meta["step"])))
         self.last_saved_step = meta["step"]
         return meta
+
+    def load_resharded(self, path: Path, ranks: list[dict[str, Any]], resharding: Resharding) -> None:
+        """Per-rank states written by another number of processes: each state's own
+        ``load_resharded_state`` (RNG: re-derived; telemetry windows: merged into rank 0)."""
+        for name, state in self.rank_states.items():
+            load = getattr(state, "load_resharded_state", None)
+            if load is None:  # a per-rank state with no rule for a new process count: refuse, not guess
+                raise CheckpointError(
+                    f"{path} was written by {resharding.saved_world_size} process(es) and this run has "
+                    f"{resharding.world_size}; its per-rank state {name!r} cannot be re-sharded. Resume with "
+                    f"{resharding.saved_world_size} process(es)")
+            load([r[name] for r in ranks], resharding)
 
 
 def _json_number(value: Any) -> Any:

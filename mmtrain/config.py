@@ -77,6 +77,10 @@ class ModelConfig:
     caption_loss_weight: float = _f(1.0, "Weight of loss_caption (token cross-entropy) in total_loss.")
     alignment_loss_weight: float = _f(0.5, "Weight of loss_alignment (symmetric InfoNCE) in total_loss.")
     init_temperature: float = _f(0.07, "Initial temperature of the alignment softmax (learned).")
+    global_alignment: bool = _f(
+        True, "On: in training, each sample's alignment loss contrasts it with the captions/images of every "
+        "rank's batch (all-gathered with gradient, like open_clip's gather_features), so a run of N processes "
+        "has N x batch_size - 1 negatives; off: only its own rank's batch. No effect with one process.")
 
     def __post_init__(self) -> None:
         s = "model"
@@ -189,8 +193,10 @@ class TrainConfig:
     max_steps: int = _f(0, "Stop after this many optimizer steps (0 = no cap); the schedule is sized to it.")
     batch_size: int = _f(16, "Samples per device per micro-batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = _f(
-        "no", "Autocast precision; fp16 on a CPU-only machine runs as bf16 with a warning.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _f(
+        "auto", "Autocast precision; auto: the launcher's (accelerate launch --mixed_precision, or its config "
+        "file's mixed_precision, e.g. bf16 in accelerate_configs/fsdp.yaml), else no. fp16 on a CPU-only machine "
+        "runs as bf16 with a warning.")
     seed: int = _f(42, "Seed for model init, data order and dropout on every rank.")
     eval_batch_size: int = _f(0, "Samples per device in evaluation; 0 means train.batch_size.")
     cpu: bool = _f(False, "Train on CPU even if a GPU is present.")
@@ -205,6 +211,12 @@ class TrainConfig:
         5, "Stop the run after this many consecutive optimizer steps with a non-finite loss or gradient "
            "(each such step is skipped: weights and optimizer state are left unchanged).")
     progress_bar: bool = _f(True, "Show a tqdm bar on the main process.")
+    ddp_find_unused_parameters: bool = _f(
+        False, "DDP only: let DDP search for parameters without a gradient each step (needed only if a "
+               "change to the model leaves some unused; costs a graph walk per step). FSDP ignores it.")
+    ddp_bucket_cap_mb: int = _f(
+        25, "DDP only: gradient all-reduce bucket size in MB (torch's default 25); larger buckets mean fewer, "
+            "bigger messages, which can help across slow links. FSDP ignores it.")
 
     def __post_init__(self) -> None:
         s = "train"
@@ -217,6 +229,7 @@ class TrainConfig:
         _require(self.eval_batch_size >= 0, s, "eval_batch_size", "must be >= 0", self.eval_batch_size)
         _require(bool(self.resume), s, "resume", "must be auto, none or a checkpoint folder", self.resume)
         _require(self.max_nonfinite_steps > 0, s, "max_nonfinite_steps", "must be > 0", self.max_nonfinite_steps)
+        _require(self.ddp_bucket_cap_mb > 0, s, "ddp_bucket_cap_mb", "must be > 0", self.ddp_bucket_cap_mb)
         _require_seed(s, "seed", self.seed)
 
 

@@ -314,18 +314,29 @@ def build_data(cfg: Config, accelerator: Accelerator, resume_from: Path | None) 
     return TrainingData(train, val, tokenizer, *loaders, skipped=len(splits.skipped))
 
 
-def resumed_position(path: Path, batches: int, saved_batch_size: int, batch_size: int, train_samples: int,
-                     processes: int, epoch_batches: int) -> int:
-    """A checkpoint's position in its epoch (``batches`` micro-batches of ``saved_batch_size`` per
-    rank) in micro-batches of ``batch_size``. The seedable sampler orders samples independently of
-    the batch size, so ``batches * saved_batch_size`` samples per rank is the same point in the
-    epoch. Raises CheckpointError when that is not a whole number of new batches."""
-    if saved_batch_size == batch_size or batches == 0:
+def resumed_position(path: Path, batches: int, saved_batch_size: int, saved_processes: int, batch_size: int,
+                     processes: int, train_samples: int, epoch_batches: int) -> int:
+    """A checkpoint's position in its epoch, in this run's micro-batches per rank.
+
+    The checkpoint trained ``batches`` micro-batches of ``saved_batch_size`` on each of
+    ``saved_processes`` ranks. The seedable sampler's permutation of the epoch does not depend on
+    the layout, and Accelerate deals its consecutive batches round-robin (batch i to rank i % W), so
+    ``batches`` rounds consumed exactly the first ``batches x saved_batch_size x saved_processes``
+    samples of the permutation; skipping that many over ``processes`` ranks of ``batch_size`` continues
+    at the next sample. Mid-epoch saves fall on optimizer steps, and a step is one effective batch
+    (the same before and after), so the conversion is whole; a position past the epoch's data (saved
+    after its last step, whose final round Accelerate pads) becomes this layout's ``epoch_batches``.
+    Raises CheckpointError, naming the arithmetic, when it is not a whole number of new rounds."""
+    if batches == 0 or (saved_batch_size, saved_processes) == (batch_size, processes):
         return batches
-    if batches >= math.ceil(train_samples / (saved_batch_size * processes)):
+    if batches >= math.ceil(train_samples / (saved_batch_size * saved_processes)):
         return epoch_batches  # saved after the epoch's last step, before its end-of-epoch work
-    if batches * saved_batch_size % batch_size:
-        raise CheckpointError(f"{path}: its data position ({batches} batches of {saved_batch_size} per device) is not "
-                              f"a whole number of batches of train.batch_size={batch_size}; resume with "
-                              f"--train.batch_size {saved_batch_size}, or from a checkpoint taken at an epoch end")
-    return batches * saved_batch_size // batch_size
+    consumed, per_round = batches * saved_batch_size * saved_processes, batch_size * processes
+    if consumed % per_round:
+        raise CheckpointError(
+            f"{path}: its data position ({batches} batches x train.batch_size {saved_batch_size} x {saved_processes} "
+            f"process(es) = {consumed} samples into the epoch) is not a whole number of this run's rounds "
+            f"(train.batch_size {batch_size} x {processes} process(es) = {per_round} samples); resume with "
+            f"--train.batch_size {saved_batch_size} on {saved_processes} process(es), or from a checkpoint taken at "
+            "an epoch end")
+    return consumed // per_round

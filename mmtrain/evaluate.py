@@ -8,7 +8,9 @@ batch), and the sums over the split are reduced exactly as a training batch is.
 The alignment term is the exception: InfoNCE contrasts a sample with the others of its batch,
 so it is recomputed after the gather on consecutive groups of ``group_size`` samples in split
 order (:func:`mmtrain.model.eval_alignment`): the value depends neither on how evaluation was
-batched or sharded nor on padding duplicates, which would otherwise enter as negatives.
+batched or sharded nor on padding duplicates, which would otherwise enter as negatives. The
+trainer sets ``group_size`` to the batch a training sample was contrasted with: the per-device
+batch, times the number of processes under ``model.global_alignment``.
 """
 
 import math
@@ -28,7 +30,7 @@ class Evaluator:
 
     def __init__(self, accelerator: Accelerator, group_size: int) -> None:
         self.accelerator = accelerator
-        self.group_size = group_size  # the per-device training batch: as many negatives as in training
+        self.group_size = group_size  # the batch training contrasts with: as many negatives as in training
         self.running = False
 
     @torch.no_grad()
@@ -50,6 +52,8 @@ class Evaluator:
         latents, texts, ids = [], [], []
         for batch in loader:
             _, out = model(batch)
+            # From the forward, not the parameter: under FSDP a rank holds only a shard of it outside forward.
+            scale = out["scale"]
             s, m = sample_stats(batch["pixel_values"], out["reconstruction"], out["latent"], out["logits"],
                                 batch["input_ids"], batch["attention_mask"])
             terms, s, m, lat, txt, cap = acc.gather_for_metrics(
@@ -64,7 +68,6 @@ class Evaluator:
         model.train()
         self.running = False
         latent, text = torch.cat(latents), torch.cat(texts)
-        scale = acc.unwrap_model(model).alignment.scale()
         term_sums["alignment"] = eval_alignment(latent, text, scale, self.group_size).double().sum()
         count = torch.tensor(float(latent.shape[0]), dtype=torch.float64, device=device)
         losses = reduce_terms(acc.unwrap_model(model).config, term_sums, count)

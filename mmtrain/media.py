@@ -1,8 +1,10 @@
 """Images and caption samples of a fixed set of validation images, for the main process to log.
 
 The set is fixed at start-up so that successive grids and tables show the same engravings and
-changes between them are the model's, not the sample's. Only the main process builds a
-``MediaLogger``; the others hold a ``NullMediaLogger``, so the loop never branches on rank.
+changes between them are the model's, not the sample's. The loop never branches on rank: under
+DDP only the main process builds a ``MediaLogger`` (the others hold a ``NullMediaLogger``); under
+FSDP every rank builds one and runs its forward passes on the same batch, because each forward
+all-gathers the sharded parameters from every rank, and only the main rank logs.
 """
 
 from collections.abc import Callable
@@ -18,6 +20,12 @@ from transformers import PreTrainedTokenizerBase
 from mmtrain.config import Config
 from mmtrain.data import fixed_batch
 from mmtrain.loggers.base import Image, Loggers, Table
+
+try:  # FSDP2; a torch without torch.distributed has no sharded models to handle
+    from torch.distributed.fsdp import register_fsdp_forward_method
+except ImportError:  # pragma: no cover
+    def register_fsdp_forward_method(module: nn.Module, method_name: str) -> None:
+        pass
 
 
 def reconstruction_grid(images: Tensor, reconstruction: Tensor) -> np.ndarray:
@@ -45,12 +53,20 @@ class NullMediaLogger:
 
 
 class MediaLogger(NullMediaLogger):
-    """Logs the reconstruction grid and the caption table of ``batch`` to ``loggers``."""
+    """Logs the reconstruction grid and the caption table of ``batch`` to ``loggers``.
+
+    The forward passes run on every rank that holds one (all ranks under FSDP: collective); the
+    grid and the table are built and logged only where ``write`` is true (the main rank).
+    """
 
     def __init__(self, model: nn.Module, batch: dict[str, Tensor], tokenizer: PreTrainedTokenizerBase,
                  loggers: Loggers,
-                 autocast: Callable[[], AbstractContextManager]) -> None:
+                 autocast: Callable[[], AbstractContextManager], write: bool = True) -> None:
         self.model, self.batch, self.tokenizer, self.loggers, self.autocast = model, batch, tokenizer, loggers, autocast
+        self.write = write
+        # FSDP2 all-gathers a unit's parameters only around forward(); generate() is another entry
+        # point into the root unit, so it gets the same hooks (a no-op for an unsharded model).
+        register_fsdp_forward_method(model, "generate")
 
     @torch.no_grad()
     def _run(self, fn: Callable[[], object]) -> object:
@@ -64,7 +80,11 @@ class MediaLogger(NullMediaLogger):
 
     def reconstructions(self, step: int) -> None:
         images = self.batch["pixel_values"]
-        recon = self._run(lambda: self.model.image_decoder(self.model.image_encoder(images)))
+        # The whole model's forward (not image_decoder(image_encoder(x))): submodules called directly
+        # would bypass the root unit's all-gather under FSDP. Its reconstruction is the same tensor.
+        recon = self._run(lambda: self.model(self.batch)[1]["reconstruction"])
+        if not self.write:
+            return
         self.loggers.log({"media/reconstructions": Image(reconstruction_grid(images, recon),
                                                          caption="rows: original, reconstruction, |difference|")},
                          step=step)
@@ -73,6 +93,8 @@ class MediaLogger(NullMediaLogger):
         images = self.batch["pixel_values"]
         tok = self.tokenizer
         ids = self._run(lambda: self.model.generate(images, tok.bos_token_id, tok.eos_token_id))
+        if not self.write:
+            return
         generated = tok.batch_decode(ids, skip_special_tokens=True)
         truth = tok.batch_decode(self.batch["input_ids"], skip_special_tokens=True)
         rows = [[Image(to_uint8(img)), gt, gen] for img, gt, gen in zip(images, truth, generated, strict=True)]
@@ -81,10 +103,13 @@ class MediaLogger(NullMediaLogger):
 
 def build_media(is_main: bool, device: torch.device, cfg: Config, model: nn.Module, val_dataset: Any,
                 tokenizer: PreTrainedTokenizerBase, loggers: Loggers,
-                autocast: Callable[[], AbstractContextManager]) -> NullMediaLogger:
-    """The main process's media logger over the first ``wandb.media_samples`` validation images;
-    a no-op one elsewhere, or when no samples are asked for."""
-    if not is_main or cfg.wandb.media_samples <= 0:
+                autocast: Callable[[], AbstractContextManager], sharded: bool = False) -> NullMediaLogger:
+    """The media logger over the first ``wandb.media_samples`` validation images (the same batch on
+    every rank): the main process's, a no-op one elsewhere, or when no samples are asked for.
+    ``sharded`` (FSDP): every rank gets one that runs the forward passes, and only the main rank's
+    writes."""
+    if cfg.wandb.media_samples <= 0 or not (is_main or sharded):
         return NullMediaLogger()
     batch = fixed_batch(val_dataset, tokenizer, cfg.model, cfg.wandb.media_samples)
-    return MediaLogger(model, {k: v.to(device) for k, v in batch.items()}, tokenizer, loggers, autocast)
+    return MediaLogger(model, {k: v.to(device) for k, v in batch.items()}, tokenizer, loggers, autocast,
+                       write=is_main)

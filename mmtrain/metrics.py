@@ -8,6 +8,7 @@ per-batch stds, and what lets evaluation drop the duplicated tail samples exactl
 """
 
 import math
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,13 @@ def grad_stats(grads_by_module: dict[str, list[Tensor]]) -> tuple[dict[str, Tens
         column = torch.stack([m[k] for m in per_module.values()]) if per_module else torch.zeros(1, **f64)
         total[k] = column.amax() if k == "grad_abs_max" else column.sum()
     return total, {name: m["grad_sq_sum"] for name, m in per_module.items()}
+
+
+def merge_grad_rows(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """One GRAD_FIELDS row from the rows of disjoint parts of the gradients (FSDP: each rank's
+    shard): the max of the maxima, the sum of every other field (sums, sums of squares, element
+    counts), so that :func:`summarize_grads` of the result describes the whole gradient."""
+    return {k: (max if k == "grad_abs_max" else sum)(row[k] for row in rows) for k in GRAD_FIELDS}
 
 
 def summarize_grads(row: dict[str, float], scale: float = 1.0) -> dict[str, float]:

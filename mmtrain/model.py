@@ -13,6 +13,12 @@ Architecture (CoCa-style split of the caption transformer):
   so the alignment loss is a real test of agreement rather than a copy.
 - ``alignment``: projects the text embedding into the latent space; a symmetric InfoNCE with a
   learned temperature between latent and projected text embedding is ``loss_alignment``.
+
+Alignment over the global batch: in training, with a ``torch.distributed`` group of more than one
+process and ``config.global_alignment``, each rank contrasts its own samples with the images and
+captions of every rank's batch (:func:`gather_with_grad`, as open_clip's ``gather_features``). That
+is the one place this module touches ``torch.distributed``; it uses torch's collectives directly,
+never Accelerate, and is a no-op without an initialised group.
 """
 
 import dataclasses
@@ -21,6 +27,7 @@ import math
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
@@ -168,34 +175,65 @@ class AlignmentHead(nn.Module):
 
 
 def contrastive_logits(image_latent: Tensor, text_embedding: Tensor, scale: Tensor) -> Tensor:
-    """(B, B) cosine similarities of image i to caption j, times the learned scale."""
+    """(B, M) cosine similarities of image i (of B) to caption j (of M), times the learned scale."""
     zi = F.normalize(image_latent.float(), dim=-1)
     zt = F.normalize(text_embedding.float(), dim=-1)
     return scale * zi @ zt.t()
 
 
 def per_sample_terms(images: Tensor, reconstruction: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                     logits: Tensor, similarity: Tensor) -> dict[str, Tensor]:
+                     logits: Tensor, similarity: Tensor, columns: Tensor | None = None,
+                     offset: int = 0) -> dict[str, Tensor]:
     """Per-sample loss terms. Batch losses and exact dataset-level eval means are both built from these.
 
     - ``image_se``: mean squared error over the sample's pixels.
     - ``caption_ce_sum`` / ``caption_tokens``: summed next-token cross-entropy and the number of
       predicted (non-pad) tokens, so a token-weighted mean can be formed over any set of samples.
-    - ``alignment``: the sample's share of the symmetric InfoNCE: (image->text CE + text->image CE) / 2.
+    - ``alignment``: the sample's share of the symmetric InfoNCE: (image->text CE + text->image CE) / 2,
+      over ``similarity`` (and ``columns``, ``offset`` for a share of a larger batch; see
+      :func:`alignment_terms`).
     """
     image_se = (reconstruction.float() - images.float()).pow(2).flatten(1).mean(dim=1)
     targets, target_mask = input_ids[:, 1:], attention_mask[:, 1:].float()
     token_ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
     return {"image_se": image_se, "caption_ce_sum": (token_ce * target_mask).sum(dim=1),
-            "caption_tokens": target_mask.sum(dim=1), "alignment": alignment_terms(similarity)}
+            "caption_tokens": target_mask.sum(dim=1), "alignment": alignment_terms(similarity, columns, offset)}
 
 
-def alignment_terms(similarity: Tensor) -> Tensor:
-    """(B,) each sample's share of the symmetric InfoNCE over a (B, B) similarity matrix whose
-    diagonal holds the true pairs: (image->text CE + text->image CE) / 2, in nats."""
-    labels = torch.arange(similarity.shape[0], device=similarity.device)
+def alignment_terms(similarity: Tensor, columns: Tensor | None = None, offset: int = 0) -> Tensor:
+    """(B,) each sample's share of the symmetric InfoNCE: (image->text CE + text->image CE) / 2, in nats.
+
+    With ``similarity`` alone: a (B, B) matrix whose diagonal holds the true pairs. For B samples
+    that are rows ``offset .. offset+B-1`` of a larger batch of N (this rank's share of the global
+    batch): ``similarity`` (B, N) holds their images against all N captions and ``columns`` (N, B)
+    all N images against their captions, i.e. their rows and columns of the N x N matrix; each
+    sample's terms are then exactly those it has in the N x N loss.
+    """
+    labels = torch.arange(offset, offset + similarity.shape[0], device=similarity.device)
+    columns = similarity if columns is None else columns
     return (F.cross_entropy(similarity, labels, reduction="none")
-            + F.cross_entropy(similarity.t(), labels, reduction="none")) / 2
+            + F.cross_entropy(columns.t(), labels, reduction="none")) / 2
+
+
+def gather_with_grad(*tensors: Tensor) -> tuple[list[Tensor], int]:
+    """Collective (every rank of the default group): each tensor's rows from every rank,
+    concatenated in rank order, and where this rank's rows start. (B, ...) -> (world * B, ...).
+
+    Autograd flows back through the gather (its backward is a sum reduce-scatter): the gradient a
+    rank's rows receive is the sum of what every rank's loss sends them, so with DDP's gradient
+    averaging a loss computed from gathered rows trains as one process on the whole batch.
+    Every rank must hold the same number of rows B: in training Accelerate's even batches
+    guarantee it (the epoch's short last batch is completed from its start on every rank), and
+    trusting it keeps the step free of a host read of the other ranks' counts (a device sync).
+    """
+    # torch's differentiable all-gather: torch 2.14 deprecates open_clip's
+    # torch.distributed.nn.functional.all_gather in favour of this one. Imported here: a torch
+    # built without distributed support lacks the module, and only multi-process runs get here.
+    from torch.distributed._functional_collectives import all_gather_single, wait_tensor
+
+    # Waited here, so no collective is left in flight if a caller uses only part of the result.
+    out = [wait_tensor(all_gather_single(t.contiguous(), 0, dist.group.WORLD)) for t in tensors]
+    return out, dist.get_rank() * tensors[0].shape[0]
 
 
 def reduce_terms(config: ModelConfig, sums: Mapping[str, Tensor], samples: Tensor | float) -> dict[str, Tensor]:
@@ -249,12 +287,45 @@ class MultimodalModel(nn.Module, PyTorchModelHubMixin, library_name="mmtrain", t
         text_states = self.caption_decoder.encode_text(input_ids)
         logits = self.caption_decoder.decode(text_states, latent)
         text_embedding = self.alignment(text_states, mask)
-        similarity = contrastive_logits(latent, text_embedding, self.alignment.scale())
-        terms = per_sample_terms(images, reconstruction, input_ids, mask, logits, similarity)
+        scale = self.alignment.scale()
+        similarity, columns, offset = self.alignment_logits(latent, text_embedding, scale, self.gathers_alignment())
+        terms = per_sample_terms(images, reconstruction, input_ids, mask, logits, similarity, columns, offset)
         losses = self.reduce_losses(terms)
+        # ``similarity`` is (B, N): this rank's images against the N captions the loss contrasted
+        # them with (N = B unless gathered). ``scale`` is returned so that callers need not read the
+        # parameter outside forward, where FSDP holds only a shard of it.
         outputs = {"latent": latent, "reconstruction": reconstruction, "logits": logits,
-                   "text_embedding": text_embedding, "similarity": similarity, **terms}
+                   "text_embedding": text_embedding, "similarity": similarity, "scale": scale.detach(), **terms}
         return losses, outputs
+
+    def gathers_alignment(self) -> bool:
+        """Does this forward contrast with every rank's batch? Only in training mode (all ranks train
+        at once, so the collective runs on all of them; eval and inference stay local) and in a
+        process group of more than one process."""
+        return (self.training and self.config.global_alignment and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1)
+
+    def alignment_logits(self, latent: Tensor, text_embedding: Tensor, scale: Tensor,
+                         gather: bool) -> tuple[Tensor, Tensor | None, int]:
+        """The logits the alignment loss of this rank's B samples needs: ``(rows, columns, offset)``.
+
+        Local (``gather`` False): rows is the (B, B) matrix, columns None, offset 0. Gathered
+        (collective): rows (B, N) are this rank's images against the N captions of every rank's
+        batch, columns (N, B) every image against this rank's captions, and offset where this
+        rank's samples start in the global batch: each rank computes only its own rows and columns
+        of the N x N matrix (open_clip's ``local_loss``), O(B x N), not O(N x N). The scale is not
+        gathered: each rank's loss uses its own (identical) parameter, and DDP averages its gradient.
+        ``latent`` (B, latent_dim), ``text_embedding`` (B, latent_dim), ``scale`` 0-d (or (1,): FSDP2's form).
+        """
+        if not gather:
+            return contrastive_logits(latent, text_embedding, scale), None, 0
+        (all_latent, all_text), offset = gather_with_grad(latent, text_embedding)
+        rows = contrastive_logits(latent, all_text, scale)
+        # A rank holding the whole batch (world size 1) uses the one matrix twice, bit for bit as
+        # the local path does.
+        if all_latent.shape[0] == latent.shape[0]:
+            return rows, rows, offset
+        return rows, contrastive_logits(all_latent, text_embedding, scale), offset
 
     def reduce_losses(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """Batch losses from per-sample terms (:func:`reduce_terms` over this batch)."""

@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import multiprocessing
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -287,26 +289,84 @@ class OutOfMemory:
                 "oom/in_validation": int(self.in_validation), **{f"oom/{k}": v for k, v in figures.items()}}
 
     def error(self, error: BaseException, figures: dict[str, float], resume: str, latest: str) -> TrainingError:
-        """The message ends with the flags that fix it, to add to the same command."""
+        """The message names the flags that fix it, then the complete command that continues the run:
+        the command line this process was started with, those flags replacing any it already had."""
         bs, accum, eval_bs = self.batch_size, self.accumulation, self.eval_batch_size
         # The smallest factor of the batch size splits it into equal micro-batches: the same
         # effective batch, which resume accepts as the same run.
         factor = next((f for f in range(2, bs + 1) if bs % f == 0), None)
         if self.in_validation:
             where = f"in the validation after optimizer step {self.step} with train.eval_batch_size={eval_bs}"
-            smaller = f"--train.eval_batch_size {eval_bs // 2} " if eval_bs > 1 else "--train.mixed_precision bf16 "
-            fix = ("Validate in smaller batches (the values do not depend on it): continue with the same command "
-                   f"plus {smaller}")
+            flags = ["--train.eval_batch_size", str(eval_bs // 2)] if eval_bs > 1 else \
+                ["--train.mixed_precision", "bf16"]
+            fix = "Validate in smaller batches (the values do not depend on it): continue with the same command plus "
         elif factor is None:
             where = f"in optimizer step {self.step + 1} with train.batch_size=1"
+            flags = ["--train.mixed_precision", "bf16"]
             fix = ("train.batch_size is already 1: use a smaller model or fewer processes per device, or continue "
                    "with the same command plus --train.mixed_precision bf16 (or fp16 on a GPU) ")
         else:
             where = f"in optimizer step {self.step + 1} with train.batch_size={bs}"
-            fix = (f"Keep the effective batch with smaller micro-batches: continue with the same command plus "
-                   f"--train.batch_size {bs // factor} --train.gradient_accumulation_steps {accum * factor} ")
+            flags = ["--train.batch_size", str(bs // factor),
+                     "--train.gradient_accumulation_steps", str(accum * factor)]
+            fix = "Keep the effective batch with smaller micro-batches: continue with the same command plus "
+        flags += ["--train.resume", resume]
+        if factor is not None or self.in_validation:
+            fix += " ".join(shlex.quote(f) for f in flags[:-2]) + " "
         shown = ", ".join(f"{k} {v:.0f}" for k, v in figures.items())
         rank = f"rank {self.rank}, " if self.rank is not None else ""
         return TrainingError(
             f"out of memory ({rank}{self.device}) {where} per device [{shown} MB]. {fix}--train.resume {resume}. "
-            f"The last checkpoint, {latest}, is intact. ({type(error).__name__})")
+            f"The last checkpoint, {latest}, is intact. ({type(error).__name__}) {self.continue_command(flags)}")
+
+    @staticmethod
+    def continue_command(flags: list[str], argv: list[str] | None = None, env: Mapping[str, str] | None = None,
+                         launcher: list[str] | None = None) -> str:
+        """The sentence that ends the message, ``Continue with: <command>``: this process's command line
+        (``argv``, default ``sys.argv``)
+        with ``flags`` (``[--name, value, ...]``; ``--train.resume``'s value already shell-quoted)
+        replacing the same options, in either form (``--name value`` or ``--name=value``). A worker of
+        ``accelerate launch`` or ``torchrun`` cannot see its launcher's options in its own argv: the
+        launcher's command line (``launcher``, default the parent process's) is used when it ends with
+        this worker's arguments; on several nodes, or when it cannot be read, the message says to
+        run the printed part under the same launcher."""
+        argv = list(sys.argv if argv is None else argv)
+        env = os.environ if env is None else env
+        pairs = [(flags[i], flags[i + 1]) for i in range(0, len(flags), 2)]
+        replaced = {name for name, _ in pairs}
+        args, i = [], 1
+        while i < len(argv):  # every option of `mmtrain train` takes one value (which may start with "-")
+            word = argv[i]
+            name, takes_value = word.split("=", 1)[0], word.startswith("--") and "=" not in word and word != "--"
+            if name not in replaced:
+                args += argv[i:i + 1 + takes_value]
+            i += 1 + takes_value
+        tail = " ".join([*(shlex.quote(a) for a in args),
+                         *(f"{n} {v if n == '--train.resume' else shlex.quote(v)}" for n, v in pairs)])
+        if "LOCAL_RANK" not in env:  # started directly: python -m mmtrain, mmtrain, or a script
+            return f"Continue with: {' '.join(OutOfMemory._program(argv[0]))} {tail}"
+        if launcher is None:
+            with contextlib.suppress(Exception):  # no parent to read: the fallback below
+                import psutil
+
+                launcher = psutil.Process().parent().cmdline()
+        own = argv[1:]
+        one_node = env.get("WORLD_SIZE", "1") == env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", "1"))
+        if launcher and one_node and len(launcher) > len(own) and launcher[len(launcher) - len(own):] == own:
+            words = launcher[:len(launcher) - len(own)]
+            if len(words) >= 2 and Path(words[1]).name and shutil.which(Path(words[1]).name) == words[1]:
+                words = [Path(words[1]).name, *words[2:]]  # `python .../bin/accelerate launch` as typed: accelerate
+            return f"Continue with: {' '.join(shlex.quote(w) for w in words)} {tail}"
+        program = "-m mmtrain" if Path(argv[0]).name == "__main__.py" else shell_word(argv[0])
+        return f"Continue with the same launcher and its options (on every node), followed by: {program} {tail}"
+
+    @staticmethod
+    def _program(argv0: str) -> list[str]:
+        """How the user started this process: ``python -m mmtrain``, ``mmtrain`` or ``python script.py``."""
+        python = "python" if shutil.which("python") == sys.executable else sys.executable
+        if Path(argv0).name == "__main__.py":
+            return [shell_word(python), "-m", "mmtrain"]
+        if argv0.endswith(".py"):
+            return [shell_word(python), shell_word(argv0)]
+        name = Path(argv0).name
+        return [name if shutil.which(name) == os.path.abspath(argv0) else shell_word(argv0)]

@@ -8,12 +8,13 @@ import dataclasses
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 
-from mmtrain.checkpoint import CheckpointManager, TrainState
+from mmtrain.checkpoint import CheckpointManager, TrainState, read_train_state
 from mmtrain.config import Config, read_yaml
 from mmtrain.distributed import print_main
 from mmtrain.errors import CheckpointError, ConfigError, shell_word
@@ -26,7 +27,8 @@ RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "m
 
 # Config fields a resumed run must share with its checkpoint, or it would not be the same run:
 # they fix the model, the data and its order. What one optimizer step is (the effective batch) is
-# checked apart: its split into per-device batch x accumulation may change (the OOM remedy).
+# checked apart: its split into per-device batch x processes x accumulation may change (the OOM
+# remedy, or a job moved to fewer or more GPUs).
 SAME_RUN_FIELDS = ("model.", "data.", "train.seed")
 BATCH_SPLIT = ("train.batch_size", "train.gradient_accumulation_steps")
 # Data fields that change nothing about the samples or their order.
@@ -49,11 +51,23 @@ def for_sweep_agent(cfg: Config) -> Config:
     return dataclasses.replace(cfg, train=train)
 
 
-def config_differences(saved: dict[str, Any], current: Config, processes: int = 1) -> tuple[list[str], list[str]]:
+@dataclass(frozen=True)
+class SavedLayout:
+    """How a checkpoint's run split its effective batch: what its data position is counted in."""
+
+    batch_size: int  # train.batch_size, per device
+    processes: int   # the world size that wrote it
+
+
+def config_differences(saved: dict[str, Any], current: Config, processes: int = 1,
+                       saved_processes: int | None = None) -> tuple[list[str], list[str]]:
     """(fields that make it a different run, other changed fields), as ``name: saved -> now``.
 
-    A new split of the same effective batch (per-device batch x ``processes`` x accumulation) is
-    the same run; a different effective batch is not, and the line shows the arithmetic."""
+    A new split of the same effective batch (per-device batch x processes x accumulation, with
+    ``saved_processes`` on the saved side, default ``processes``, and ``processes`` now) is the same
+    run, whatever the number of processes; a different effective batch is not, and the line shows
+    the arithmetic of both sides."""
+    saved_processes = processes if saved_processes is None else saved_processes
     old, new = _flatten(saved), _flatten(current.to_dict())
     blocking, other = [], []
     for key in sorted(set(old) | set(new)):
@@ -63,30 +77,34 @@ def config_differences(saved: dict[str, Any], current: Config, processes: int = 
             line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
             same_run = key.startswith(SAME_RUN_FIELDS) and key not in DATA_LOGISTICS
             (blocking if same_run else other).append(line)
-    split_old, split_new = ([int(flat.get(k) or 1) for k in BATCH_SPLIT] for flat in (old, new))
-    if split_old[0] * split_old[1] != split_new[0] * split_new[1]:
-        def effective(bs: int, accum: int) -> str:
-            return f"{bs} x {processes} x {accum} = {bs * processes * accum}"
+    (bs_old, accum_old), (bs_new, accum_new) = ([int(flat.get(k) or 1) for k in BATCH_SPLIT] for flat in (old, new))
+    if bs_old * saved_processes * accum_old != bs_new * processes * accum_new:
+        def effective(bs: int, world: int, accum: int) -> str:
+            return f"{bs} x {world} x {accum} = {bs * world * accum}"
 
         blocking.append(f"effective batch (train.batch_size x processes x train.gradient_accumulation_steps): "
-                        f"{effective(*split_old)} -> {effective(*split_new)}")
+                        f"{effective(bs_old, saved_processes, accum_old)} -> {effective(bs_new, processes, accum_new)}")
     return blocking, other
 
 
-def check_same_run(acc: Accelerator, path: Path, cfg: Config) -> int:
+def check_same_run(acc: Accelerator, path: Path, cfg: Config) -> SavedLayout:
     """Refuse (CheckpointError) a checkpoint at ``path`` that belongs to a different run; list other
-    changed settings. Returns the checkpoint's per-device batch size, to convert its data position."""
+    changed settings. Another split of the same effective batch, over any number of processes, is
+    the same run. Returns the checkpoint's layout, to convert its data position."""
     saved = read_yaml(path / "config.yaml")
-    blocking, other = config_differences(saved, cfg, acc.num_processes)
+    saved_processes = int(read_train_state(path).get("world_size") or 1)
+    blocking, other = config_differences(saved, cfg, acc.num_processes, saved_processes)
     if blocking:
         raise CheckpointError(
             f"train.resume: {path} belongs to a different run; these fields differ (checkpoint -> now): "
             f"{'; '.join(blocking)}. Resume with the checkpoint's config "
             f"(--config {shell_word(path / 'config.yaml')}), "
             "or start a new run with another --train.output_dir (or --train.resume none --train.overwrite true)")
+    if saved_processes != acc.num_processes:
+        other.append(f"processes: {saved_processes} -> {acc.num_processes}")
     if other:
         print_main(acc, f"mmtrain: resuming {path} with changed settings: {'; '.join(other)}")
-    return int(saved.get("train", {}).get("batch_size") or cfg.train.batch_size)
+    return SavedLayout(int(saved.get("train", {}).get("batch_size") or cfg.train.batch_size), saved_processes)
 
 
 def keep_metrics_until(path: Path, last_step: int) -> int:

@@ -19,9 +19,17 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from mmtrain.config import Config
-from mmtrain.distributed import Part, gather_named
+from mmtrain.distributed import Part, gather_named, is_sharded, local_grads
 from mmtrain.hardware import HW_KEYS, HardwareMonitor
-from mmtrain.metrics import MAX_FIELDS, SUM_FIELDS, grad_stats, sample_stats, summarize, summarize_grads
+from mmtrain.metrics import (
+    MAX_FIELDS,
+    SUM_FIELDS,
+    grad_stats,
+    merge_grad_rows,
+    sample_stats,
+    summarize,
+    summarize_grads,
+)
 from mmtrain.model import loss_names
 
 # A window's gradient columns: sums over its optimizer steps of the pre-clip norm, the post-clip
@@ -68,6 +76,18 @@ class Window:
             setattr(self, k, state[k])
         self.started = time.perf_counter() - state["elapsed"]  # the time spent down is not step time
 
+    @staticmethod
+    def merged_state(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Several ranks' :meth:`state_dict` as one: losses, sample sums, micro-batches and samples
+        add up, maxima take the max. Optimizer-step counts, gradient columns and timings are the first
+        rank's: every rank counts the same steps and sees the same all-reduced gradient (``combine``
+        reads rank 0's too), and timings are per rank."""
+        first = states[0]
+        return {**first,
+                "loss_sum": sum(s["loss_sum"] for s in states), "sample_sums": sum(s["sample_sums"] for s in states),
+                "sample_maxes": torch.stack([s["sample_maxes"] for s in states]).amax(dim=0),
+                "micro_batches": sum(s["micro_batches"] for s in states), "samples": sum(s["samples"] for s in states)}
+
     def add_micro_batch(self, losses: dict[str, Tensor], batch_size: int,
                         stats: tuple[Tensor, Tensor] | None = None) -> None:
         self.loss_sum += torch.stack([losses[k].detach() for k in loss_names()]).double()
@@ -105,7 +125,8 @@ def combine(rows: list[dict[str, dict[str, float]]]) -> dict[str, float]:
     losses = {k: sum(r["loss"][k] for r in rows) / max(micro, 1) for k in rows[0]["loss"]}
     sums = {k: sum(r["sums"][k] for r in rows) for k in SUM_FIELDS}
     maxes = {k: max(r["maxes"][k] for r in rows) for k in MAX_FIELDS}
-    # Gradients are identical on every rank after DDP's all-reduce: rank 0's row speaks for all.
+    # The clipped norms come from clip_grad_norm_, which returns the full gradient's norm on every
+    # rank under DDP (identical gradients) and FSDP (it reduces across shards): rank 0's row speaks for all.
     g, steps = rows[0]["grad"], max(rows[0]["counts"]["optimizer_steps"], 1)
     out = {**losses, "grad_norm": g["grad_norm_sum"] / steps, "grad_norm_clipped": g["grad_norm_clipped_sum"] / steps,
            "clip_fraction": g["clipped_steps"] / steps, "grad_norm_max": g["grad_norm_max"]}
@@ -114,12 +135,23 @@ def combine(rows: list[dict[str, dict[str, float]]]) -> dict[str, float]:
     return out
 
 
-def gradient_detail(row: dict[str, dict[str, float]]) -> dict[str, float]:
+def gradient_detail(rows: list[dict[str, dict[str, float]]], sharded: bool) -> dict[str, float]:
     """grad_mean/std/max and per-module norms of the log step, undoing that step's clip. The
-    statistics were read after clipping: pre-clip = post-clip / clip coefficient."""
-    scale = 1.0 / row["grad"]["clip_coef"]
-    out = summarize_grads(row["grad_detail"], scale)
-    for name, sq in row["module_sq"].items():
+    statistics were read after clipping: pre-clip = post-clip / clip coefficient (the same on
+    every rank).
+
+    ``sharded`` (FSDP): each rank's row describes its own shard of every gradient, so the rows are
+    merged (sums and squared norms add, maxima take the max). Otherwise (DDP, one process) every
+    rank holds the same full gradients and rank 0's row is the answer.
+    """
+    scale = 1.0 / rows[0]["grad"]["clip_coef"]
+    if sharded:
+        detail = merge_grad_rows([r["grad_detail"] for r in rows])
+        module_sq = {name: sum(r["module_sq"][name] for r in rows) for name in rows[0]["module_sq"]}
+    else:
+        detail, module_sq = rows[0]["grad_detail"], rows[0]["module_sq"]
+    out = summarize_grads(detail, scale)
+    for name, sq in module_sq.items():
         out[f"grad_norm/{name}"] = scale * math.sqrt(max(sq, 0.0))
     return out
 
@@ -162,6 +194,15 @@ class Windows:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.log.load_state_dict(state["window"])
         self.epoch.load_state_dict(state["epoch_window"])
+
+    def load_resharded_state(self, saved: list[dict[str, Any]], resharding: Any) -> None:
+        """A checkpoint of another process count (``resharding``: mmtrain.checkpoint.Resharding):
+        every saved rank's windows merged into the new rank 0, empty windows on the others, so that
+        the cross-rank sums, counts and maxima :func:`combine` makes of them are those saved."""
+        for window, key in ((self.log, "window"), (self.epoch, "epoch_window")):
+            window.reset()
+            if resharding.rank == 0:
+                window.load_state_dict(Window.merged_state([s[key] for s in saved]))
 
 
 class Telemetry:
@@ -233,8 +274,8 @@ class Telemetry:
         if self.should_log(step):
             # Read after clipping (accelerate unscales fp16 grads inside clip_grad_norm_ and a second
             # unscale is an error); the record divides by this step's clip coefficient.
-            grads = {name: [p.grad for p in params if p.grad is not None]
-                     for name, params in self.module_params.items()}
+            # Under FSDP each rank reads its own shard; gradient_detail merges the ranks' rows.
+            grads = {name: local_grads(params) for name, params in self.module_params.items()}
             total, per_module = grad_stats(grads)
             self.grad_detail = {"grad_detail": total, "module_sq": per_module}
 
@@ -255,7 +296,7 @@ class Telemetry:
         groups = [g.get("name", i) for i, g in enumerate(self.optimizer.param_groups)]
         record = {
             **combine(rows),
-            **(gradient_detail(rows[0]) if self.grad_detail else {}),
+            **(gradient_detail(rows, is_sharded(acc)) if self.grad_detail else {}),
             "learning_rate": lrs[0],
             **{f"learning_rate/{g}": lr for g, lr in zip(groups, lrs, strict=True)},
             "epoch": step / self.steps_per_epoch,

@@ -23,13 +23,13 @@ from mmtrain.checkpoint import CheckpointManager, RNGState, TrainingObjects, Tra
 from mmtrain.config import Config
 from mmtrain.data import build_data, resumed_position
 from mmtrain.diagnostics import build_diagnostics
-from mmtrain.distributed import build_accelerator, print_main, progress_bar
+from mmtrain.distributed import build_accelerator, full_model, is_sharded, print_main, progress_bar
 from mmtrain.errors import TrainingError, shell_word
 from mmtrain.evaluate import Evaluator
 from mmtrain.export import export_model, model_card
 from mmtrain.loggers import build_loggers
 from mmtrain.media import build_media
-from mmtrain.model import build_model
+from mmtrain.model import MultimodalModel, build_model
 from mmtrain.optim import build_optimizer, build_scheduler, optimizer_steps
 from mmtrain.resilience import (
     NonFiniteGuard,
@@ -40,7 +40,15 @@ from mmtrain.resilience import (
     memory_figures,
     stop_lines,
 )
-from mmtrain.run_dir import check_same_run, final_report, for_sweep_agent, prepare_output_dir, run_config, run_summary
+from mmtrain.run_dir import (
+    SavedLayout,
+    check_same_run,
+    final_report,
+    for_sweep_agent,
+    prepare_output_dir,
+    run_config,
+    run_summary,
+)
 from mmtrain.telemetry import EPOCH_METRICS, Telemetry
 
 
@@ -53,7 +61,7 @@ class Trainer:
         set_seed(cfg.train.seed)
         root = self.output_dir / "checkpoints"
         self.resume_from = find_resume(acc, root, cfg.train.resume)
-        resume_batch_size = check_same_run(acc, self.resume_from, cfg) if self.resume_from else cfg.train.batch_size
+        saved_layout = check_same_run(acc, self.resume_from, cfg) if self.resume_from else None
         # Everything the user gave us is validated before output_dir is touched, so a bad input
         # never costs an earlier run its files.
         self.data = build_data(cfg, acc, self.resume_from)
@@ -67,7 +75,8 @@ class Trainer:
         # Not prepared: a prepared scheduler steps once per process per optimizer step.
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.telemetry = Telemetry(acc, model, self.optimizer, cfg, self.steps_per_epoch, self.total_steps)
-        self.evaluator = Evaluator(acc, group_size=cfg.train.batch_size)
+        self.evaluator = Evaluator(acc, group_size=cfg.train.batch_size * (
+            acc.num_processes if cfg.model.global_alignment else 1))  # training's negatives + 1
         self.guard = NonFiniteGuard(acc.device, acc.num_processes, cfg.train.max_nonfinite_steps)
         self.agreement, self.signals = StepAgreement(acc.num_processes), StopSignals()
         self.loggers = build_loggers(acc.is_main_process, self.output_dir, cfg.log.loggers, cfg.wandb, EPOCH_METRICS)
@@ -80,23 +89,24 @@ class Trainer:
                     "loggers": self.loggers, "diagnostics": self.diagnostics},
             rank_states={"rng": RNGState(), "telemetry_windows": self.telemetry.windows})
         if self.resume_from is not None:
-            self.restore(self.resume_from, resume_batch_size)
+            self.restore(self.resume_from, saved_layout)
         prepare_output_dir(acc, self.output_dir, cfg, self.resume_from, self.state.optimizer_step, self.checkpointer)
         with rng_preserved():  # set-up below draws no number the training steps would have drawn
             self.loggers.open(self.run_config(), self.state.optimizer_step if self.resume_from else None)
             self.media = build_media(acc.is_main_process, acc.device, cfg, model, self.data.val, self.data.tokenizer,
-                                     self.loggers, acc.autocast)
+                                     self.loggers, acc.autocast, sharded=is_sharded(acc))
         self.progress = progress_bar(acc, self.total_steps, self.state.optimizer_step, cfg.train.progress_bar)
 
-    def restore(self, path: Path, batch_size: int) -> None:
+    def restore(self, path: Path, saved: SavedLayout) -> None:
         """Load the checkpoint into every component; its data position is converted to this run's
-        batch size (a new split of the same effective batch continues at the same sample)."""
-        state = self.state
+        batch size and process count (a new split of the same effective batch continues at the same
+        sample). Raises CheckpointError before output_dir is touched."""
+        state, acc = self.state, self.accelerator
         self.checkpointer.restore(path)
-        state.batches_in_epoch = resumed_position(path, state.batches_in_epoch, batch_size, self.cfg.train.batch_size,
-                                                  len(self.data.train), self.accelerator.num_processes,
+        state.batches_in_epoch = resumed_position(path, state.batches_in_epoch, saved.batch_size, saved.processes,
+                                                  self.cfg.train.batch_size, acc.num_processes, len(self.data.train),
                                                   len(self.train_loader))
-        print_main(self.accelerator, f"mmtrain: resuming from {path} (optimizer step {state.optimizer_step}, "
+        print_main(acc, f"mmtrain: resuming from {path} (optimizer step {state.optimizer_step}, "
                    f"epoch {state.epoch} + {state.batches_in_epoch} batches)")
 
     def run_config(self) -> dict[str, Any]:
@@ -281,16 +291,18 @@ class Trainer:
 
     def finish_and_export(self) -> dict[str, Any]:
         """Collective. The final checkpoint (already written by the last epoch end in every normal
-        run), the summary, the exported model (main rank) and the report."""
+        run), the summary, the exported model (gathered on every rank under FSDP, written by the
+        main rank) and the report."""
         acc = self.accelerator
         checkpoint = self.save_checkpoint()
         last_train, last_val = self.telemetry.last_train, self.telemetry.last_val
         summary = run_summary(self.state, self.state.train_time(), self.total_parameters, last_train, last_val)
         model_dir = self.output_dir / "model"
+        # Under FSDP the full weights exist only once every rank has sent its shards (collective).
+        plain = full_model(acc, self.model, lambda: MultimodalModel(self.model_config))
         if acc.is_main_process:
             results = {**summary, **{k: v for k, v in last_val.items() if k.startswith("val/")}}
-            export_model(acc.unwrap_model(self.model), self.data.tokenizer, model_dir,
-                         model_card(self.run_config(), results))
+            export_model(plain, self.data.tokenizer, model_dir, model_card(self.run_config(), results))
         acc.wait_for_everyone()
         self.loggers.summary({**summary, "findings": self.diagnostics.findings()})
         self.loggers.close()

@@ -9,8 +9,13 @@ MMTRAIN_KILL="<moment>:<step>[:<rank>]" sends SIGKILL to this process at that mo
   save_commit:N   inside the save of step N: everything written, train_state.json too, not yet renamed
 MMTRAIN_NAN="N,M,...[:<rank>]" makes the loss NaN in those optimizer steps (1-based).
 MMTRAIN_PIDFILE=DIR writes DIR/rank<r>.pid, so a test can signal each rank.
+MMTRAIN_OOM="N[:<rank>]" raises torch.OutOfMemoryError in the forward pass of optimizer step N (1-based).
+MMTRAIN_SAMPLES=DIR appends, per trained micro-batch, {"step", "epoch", "samples": [sample key...]} to
+  DIR/rank<r>-<pid>.jsonl (a sample's key: a hash of its pixels and caption ids, what the model saw).
 """
 
+import hashlib
+import json
 import os
 import signal
 import sys
@@ -19,6 +24,7 @@ from pathlib import Path
 import mmtrain.checkpoint as checkpoint
 from mmtrain import cli
 from mmtrain.model import MultimodalModel
+from mmtrain.telemetry import Telemetry
 from mmtrain.trainer import Trainer
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -112,6 +118,34 @@ if nan:
         return losses, outputs
 
     MultimodalModel.forward = poisoned
+
+oom = _spec("MMTRAIN_OOM")
+if oom:
+    import torch
+
+    _, oom_steps = oom
+    unpoisoned = MultimodalModel.forward
+
+    def out_of_memory(self, batch):
+        if self.training and trainer[0].state.optimizer_step + 1 in oom_steps:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by fault_run.py)")
+        return unpoisoned(self, batch)
+
+    MultimodalModel.forward = out_of_memory
+
+if os.environ.get("MMTRAIN_SAMPLES"):
+    samples_file = Path(os.environ["MMTRAIN_SAMPLES"], f"rank{RANK}-{os.getpid()}.jsonl")
+    on_micro_batch = Telemetry.on_micro_batch
+
+    def record_samples(self, batch, losses, outputs):
+        keys = [hashlib.sha256(pixels.cpu().numpy().tobytes() + ids.cpu().numpy().tobytes()).hexdigest()[:16]
+                for pixels, ids in zip(batch["pixel_values"], batch["input_ids"], strict=True)]
+        state = trainer[0].state
+        with samples_file.open("a") as f:  # a line per micro-batch, on disk before a kill can come
+            f.write(json.dumps({"step": state.optimizer_step + 1, "epoch": state.epoch, "samples": keys}) + "\n")
+        return on_micro_batch(self, batch, losses, outputs)
+
+    Telemetry.on_micro_batch = record_samples
 
 if os.environ.get("MMTRAIN_PIDFILE"):
     Path(os.environ["MMTRAIN_PIDFILE"], f"rank{RANK}.pid").write_text(str(os.getpid()))

@@ -140,9 +140,12 @@ def test_metrics_after_the_checkpoint_and_a_torn_last_line_are_dropped(tmp_path)
     assert read_jsonl(path) == [{"step": 1, "a": 1}, {"step": 2, "a": 2}]
 
 
-def test_a_checkpoint_from_another_number_of_processes_is_refused(copy, capsys):
+def test_another_number_of_processes_with_another_effective_batch_is_refused(copy, capsys):
+    """A checkpoint of 2 processes x 16 resumed by 1 process x 16 (accumulation 2 both): the effective batch halves. The
+    arithmetic shows the saved process count on the left (elastic resume: tests/test_elastic_resume.py)."""
     state_file = copy / "checkpoints" / "step_00000006" / "train_state.json"
     state = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({**state, "world_size": 2}))
     err = _refused(copy, capsys, "--train.resume", "auto")
-    assert "was written by 2 process(es) and this run has 1" in err
+    assert "effective batch (train.batch_size x processes x train.gradient_accumulation_steps): " \
+           "16 x 2 x 2 = 64 -> 16 x 1 x 2 = 32" in err

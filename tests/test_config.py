@@ -100,7 +100,7 @@ def test_unknown_field_names_it(yaml_values, overrides):
     ("optim.lr", "fast", "optim.lr must be a finite number such as 0.001 or 5e-4 (got 'fast')"),
     ("train.cpu", "maybe", "train.cpu must be true or false (or yes/no, on/off) (got 'maybe')"),
     ("data.val_split", ["a"], "data.val_split must be a string or null (got ['a'])"),
-    ("train.mixed_precision", "fp8", "train.mixed_precision must be one of no, fp16, bf16 (got 'fp8')"),
+    ("train.mixed_precision", "fp8", "train.mixed_precision must be one of auto, no, fp16, bf16 (got 'fp8')"),
     ("wandb.mode", "sometimes", "wandb.mode must be one of auto, online, offline, disabled (got 'sometimes')"),
     ("wandb.tags", "{a: 1}", "wandb.tags must be a list"),
 ])

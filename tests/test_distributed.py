@@ -74,7 +74,9 @@ def _val_record(out) -> dict:
 
 def test_validation_does_not_depend_on_the_process_count(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, *ARGS, *SAME_WEIGHTS, "--train.output_dir", str(tmp_path / "one")],
+    # The same global batch (validation contrasts in groups of it: model.global_alignment).
+    one = subprocess.run([sys.executable, *ARGS, *SAME_WEIGHTS, "--train.batch_size", "32",
+                          "--train.output_dir", str(tmp_path / "one")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     launcher = [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes", "2",

@@ -127,6 +127,22 @@ def test_fp16_on_cpu_warns_and_runs_bf16(tmp_path):
     assert any("fp16" in str(w.message) and "bf16" in str(w.message) for w in caught)
 
 
+def test_auto_precision_is_the_launchers(monkeypatch):
+    """train.mixed_precision auto takes what `accelerate launch` exports (its flag or the config
+    file's mixed_precision), no without a launcher; a named precision wins over the launcher's."""
+    from mmtrain.distributed import resolve_precision
+    from mmtrain.errors import ConfigError
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert resolve_precision("auto", use_cpu=True) == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert resolve_precision("auto", use_cpu=True) == "bf16"
+    assert resolve_precision("no", use_cpu=True) == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(ConfigError, match="--train.mixed_precision"):
+        resolve_precision("auto", use_cpu=True)
+
+
 def test_config_yaml_reproduces_the_run_config(trained):
     from mmtrain.config import load_config
 

@@ -26,7 +26,8 @@
 #   --node-rank R        this machine's rank, 0..N-1 (env NODE_RANK; default 0)
 #   --master-addr HOST   address of the machine of rank 0 (env MASTER_ADDR; needed when N > 1)
 #   --master-port PORT   its rendezvous port (env MASTER_PORT; default 29500, under SLURM
-#                        20000 + job id % 20000 so that two jobs sharing a node do not collide)
+#                        15000 + job id % 15000 so that two jobs sharing a node do not collide;
+#                        below Linux's ephemeral ports, 32768-60999, which other sockets take)
 #   --nproc-per-node P   processes per machine (env NUM_PROCESSES; default: the GPUs of the
 #                        machine, or 1 CPU process)
 #   --dry-run            print the command each machine would run instead of running it
@@ -149,7 +150,7 @@ $nnodes nodes"
   fi
   addr="${opt_addr:-${hosts[0]:-}}"
   is_uint "$SLURM_JOB_ID" || die "SLURM_JOB_ID must be a job number, got '$SLURM_JOB_ID'"
-  port="${opt_port:-$((20000 + SLURM_JOB_ID % 20000))}"
+  port="${opt_port:-$((15000 + SLURM_JOB_ID % 15000))}"
   if ((nnodes == 1)) && [[ -z "$opt_port" ]]; then
     port=""  # one node: as outside SLURM, accelerate's default port (it falls back to a free one)
   fi
@@ -208,8 +209,11 @@ elif ((nnodes > 1)); then
   if ((gpus > 0)); then config="$here/accelerate_configs/multi_node.yaml"; fi
 elif ((gpus > 1)); then
   config="$here/accelerate_configs/multi_gpu.yaml"
-elif ((gpus == 1)); then
+elif ((gpus == 1)) && [[ -z "$opt_nproc" && -z "${NUM_PROCESSES:-}" ]]; then
   config="$here/accelerate_configs/single_gpu.yaml"; nproc=1
+elif ((gpus == 1)); then
+  # Several processes asked for on one GPU (they share it): the multi-process launcher mode.
+  config="$here/accelerate_configs/multi_gpu.yaml"
 else
   config="$here/accelerate_configs/cpu.yaml"
 fi
@@ -266,13 +270,18 @@ if [[ $slurm_mode == batch ]]; then
   # scancel; srun passes what it gets on to every process of the step (each node's launcher
   # ignores SIGUSR1 and forwards SIGTERM, the workers save). The traps are set before srun starts
   # (it gets default handlers back) so that no signal can kill the shell before they are.
+  # SIGTERM is not passed on: on a time limit, preemption or scancel Slurm sends it to every
+  # process of the step itself, and a second copy through srun would reach each node's launcher
+  # during its graceful stop (torch's elastic agent cuts that stop short on a repeated SIGTERM).
+  # The shell ignores it and waits for the step; stop a job with scancel.
   step=""
   # shellcheck disable=SC2317  # called from the traps below, which shellcheck does not follow
   forward() { if [[ -n "$step" ]]; then kill -s "$1" "$step" 2>/dev/null || true; fi; }
-  for sig in TERM USR1 USR2 HUP; do
+  for sig in USR1 USR2 HUP; do
     # shellcheck disable=SC2064  # $sig is meant to be expanded now
     trap "forward $sig" "$sig"
   done
+  trap ':' TERM  # a handler, not '' (which srun would inherit): the shell survives and keeps waiting
   trap "forward TERM" INT  # one SIGINT only makes srun print the tasks' state: stop the step instead
   MMTRAIN_LAUNCH_TASK=1 "${srun_cmd[@]}" &
   step=$!

@@ -95,9 +95,15 @@ class _MetadataUnpickler(pickle.Unpickler):
     DCP reads that file with a bare ``pickle.load``, which would run whatever a crafted file names."""
 
     _BUILTINS = frozenset({"set", "frozenset", "slice", "list", "dict", "tuple", "bytes", "bytearray"})
+    # Exactly the classes DCP's Metadata is made of (torch 2.14), not the whole package: a package-wide
+    # rule let a crafted file build an object whose unpickling starts a process (found in review).
+    _DCP = frozenset({("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")}
+        | {("torch.distributed.checkpoint.filesystem", "_StorageInfo")})
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = (module.startswith("torch.distributed.checkpoint.") or (module, name) == ("torch", "Size")
+        allowed = ((module, name) in self._DCP or (module, name) == ("torch", "Size")
                    or (module == "builtins" and name in self._BUILTINS)
                    or (module, name) == ("collections", "OrderedDict")
                    or (module == "pathlib" and name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath",

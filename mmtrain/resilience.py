@@ -343,7 +343,10 @@ class OutOfMemory:
             i += 1 + takes_value
         tail = " ".join([*(shlex.quote(a) for a in args),
                          *(f"{n} {v if n == '--train.resume' else shlex.quote(v)}" for n, v in pairs)])
-        if "LOCAL_RANK" not in env:  # started directly: python -m mmtrain, mmtrain, or a script
+        # A worker of torchrun / a multi-process accelerate launch has LOCAL_RANK; accelerate's
+        # one-process launcher sets none, but exports its settings (ACCELERATE_MIXED_PRECISION...).
+        launched = "LOCAL_RANK" in env or any(k.startswith("ACCELERATE_") for k in env)
+        if not launched:  # started directly: python -m mmtrain, mmtrain, or a script
             return f"Continue with: {' '.join(OutOfMemory._program(argv[0]))} {tail}"
         if launcher is None:
             with contextlib.suppress(Exception):  # no parent to read: the fallback below

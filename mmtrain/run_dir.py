@@ -31,8 +31,10 @@ RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "m
 # remedy, or a job moved to fewer or more GPUs).
 SAME_RUN_FIELDS = ("model.", "data.", "train.seed")
 BATCH_SPLIT = ("train.batch_size", "train.gradient_accumulation_steps")
-# Data fields that change nothing about the samples or their order.
-DATA_LOGISTICS = ("data.num_workers", "data.cache_dir")
+# Fields under model. and data. that change neither the model nor the samples or their order:
+# data loading logistics, and which negatives the alignment loss sees (an accepted batch split or
+# process count changes those too; absent, as None, from checkpoints written before the field).
+NOT_RUN_DEFINING = ("data.num_workers", "data.cache_dir", "model.global_alignment")
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:
@@ -60,13 +62,14 @@ class SavedLayout:
 
 
 def config_differences(saved: dict[str, Any], current: Config, processes: int = 1,
-                       saved_processes: int | None = None) -> tuple[list[str], list[str]]:
+                       saved_processes: int | None = None, effective_batch: bool = True) -> tuple[list[str], list[str]]:
     """(fields that make it a different run, other changed fields), as ``name: saved -> now``.
 
     A new split of the same effective batch (per-device batch x processes x accumulation, with
     ``saved_processes`` on the saved side, default ``processes``, and ``processes`` now) is the same
     run, whatever the number of processes; a different effective batch is not, and the line shows
-    the arithmetic of both sides."""
+    the arithmetic of both sides. ``effective_batch=False`` leaves it out: a run with no checkpoint
+    yet has no data position to convert, so it may start over with another one."""
     saved_processes = processes if saved_processes is None else saved_processes
     old, new = _flatten(saved), _flatten(current.to_dict())
     blocking, other = [], []
@@ -75,10 +78,10 @@ def config_differences(saved: dict[str, Any], current: Config, processes: int = 
             continue
         if old.get(key) != new.get(key):
             line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-            same_run = key.startswith(SAME_RUN_FIELDS) and key not in DATA_LOGISTICS
+            same_run = key.startswith(SAME_RUN_FIELDS) and key not in NOT_RUN_DEFINING
             (blocking if same_run else other).append(line)
     (bs_old, accum_old), (bs_new, accum_new) = ([int(flat.get(k) or 1) for k in BATCH_SPLIT] for flat in (old, new))
-    if bs_old * saved_processes * accum_old != bs_new * processes * accum_new:
+    if effective_batch and bs_old * saved_processes * accum_old != bs_new * processes * accum_new:
         def effective(bs: int, world: int, accum: int) -> str:
             return f"{bs} x {world} x {accum} = {bs * world * accum}"
 
@@ -145,7 +148,7 @@ def prepare_output_dir(acc: Accelerator, out: Path, cfg: Config, resume_from: Pa
             print_main(acc, f"mmtrain: {dropped} metrics.jsonl line(s) after the checkpoint will be trained again")
     elif existing and (cfg.train.resume == "auto" or resume_from is not None) and \
             not checkpointer.complete() and (out / "config.yaml").is_file() and \
-            not config_differences(read_yaml(out / "config.yaml"), cfg, acc.num_processes)[0]:
+            not config_differences(read_yaml(out / "config.yaml"), cfg, effective_batch=False)[0]:
         # No checkpoint here yet: the same run died before its first save. Start it over (from the
         # checkpoint it was continuing, if any), keeping its W&B files (a record of the attempt).
         existing = [name for name in existing if name != "wandb"]

@@ -66,11 +66,16 @@ class Window:
         """For checkpoints: a resumed run continues the window instead of logging a partial one."""
         return {"loss_sum": self.loss_sum.cpu(), "sample_sums": self.sample_sums.cpu(),
                 "sample_maxes": self.sample_maxes.cpu(), "grad": {k: v.cpu() for k, v in self.grad.items()},
-                **{k: getattr(self, k) for k in self._COUNTS}, "elapsed": time.perf_counter() - self.started}
+                **{k: getattr(self, k) for k in self._COUNTS}, "elapsed": time.perf_counter() - self.started,
+                "loss_weighting": "samples"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in ("loss_sum", "sample_sums", "sample_maxes"):
             setattr(self, k, state[k].to(self.device))
+        if state.get("loss_weighting") != "samples" and state["micro_batches"]:
+            # Saved by an mmtrain that summed micro-batch means: equal micro-batches then, so this
+            # is the same sum weighted by samples.
+            self.loss_sum *= state["samples"] / state["micro_batches"]
         self.grad = {k: v.to(self.device) for k, v in state["grad"].items()}
         for k in self._COUNTS:
             setattr(self, k, state[k])
@@ -90,7 +95,10 @@ class Window:
 
     def add_micro_batch(self, losses: dict[str, Tensor], batch_size: int,
                         stats: tuple[Tensor, Tensor] | None = None) -> None:
-        self.loss_sum += torch.stack([losses[k].detach() for k in loss_names()]).double()
+        # Weighted by the micro-batch's samples: equal weights while every micro-batch has the same
+        # size (always, within one layout: Accelerate's even batches), and still the per-sample mean
+        # when an elastic resume or the OOM remedy changed the micro-batch size mid-window.
+        self.loss_sum += torch.stack([losses[k].detach() for k in loss_names()]).double() * batch_size
         if stats is not None:
             sums, maxes = stats  # per-sample rows over SUM_FIELDS / MAX_FIELDS
             self.sample_sums += sums.sum(dim=0)
@@ -121,8 +129,8 @@ class Window:
 
 def combine(rows: list[dict[str, dict[str, float]]]) -> dict[str, float]:
     """Cross-rank totals of a window: losses and sample sums add, maxima take the max."""
-    micro = sum(r["counts"]["micro_batches"] for r in rows)
-    losses = {k: sum(r["loss"][k] for r in rows) / max(micro, 1) for k in rows[0]["loss"]}
+    samples = sum(r["counts"]["samples"] for r in rows)
+    losses = {k: sum(r["loss"][k] for r in rows) / max(samples, 1) for k in rows[0]["loss"]}
     sums = {k: sum(r["sums"][k] for r in rows) for k in SUM_FIELDS}
     maxes = {k: max(r["maxes"][k] for r in rows) for k in MAX_FIELDS}
     # The clipped norms come from clip_grad_norm_, which returns the full gradient's norm on every

@@ -10,6 +10,7 @@ docstring starting "Collective" must run on every rank at the same point.
 """
 
 import contextlib
+import dataclasses
 import signal
 import time
 from pathlib import Path
@@ -56,6 +57,10 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg = for_sweep_agent(cfg)  # under `wandb agent`: <output_dir>/<run id>, a folder per run
         self.accelerator = acc = build_accelerator(cfg.train)
+        # The precision actually trained in (auto: the launcher's; fp16 on CPU: bf16) replaces the request,
+        # so config.yaml reproduces the run and a resume under another launcher lists the change.
+        self.cfg = cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                            mixed_precision=acc.mixed_precision))
         self.output_dir = Path(cfg.train.output_dir).expanduser()
         self.state = TrainState()
         set_seed(cfg.train.seed)

@@ -46,7 +46,7 @@ SAMPLES_PER_EPOCH = 96
 # (loss_alignment). 5e-4 leaves 10x for other builds and is below the smallest step-to-step change of
 # every loss in this run (1.4e-3), so a step trained on other data, weights or learning rate shows.
 LOSS_TOLERANCE = 5e-4
-COMPARED = ("total_loss", "loss_image", "loss_caption", "loss_alignment", "val/total_loss")
+COMPARED = ("total_loss", "loss_image", "loss_caption", "loss_alignment", "val/total_loss", "epoch_train_loss_avg")
 
 
 def _trained(samples: Path) -> list[dict]:
@@ -118,12 +118,13 @@ def test_one_to_two_to_one_process_continues_the_same_samples_and_losses(referen
                 assert got[step][key] == pytest.approx(ref[step][key], rel=LOSS_TOLERANCE), (step, key)
         assert got[step]["samples_seen"] == ref[step]["samples_seen"] == 32 * step
         assert got[step]["learning_rate"] == pytest.approx(ref[step]["learning_rate"], rel=1e-12)
-    # The epoch windows crossed the cuts whole: the saved ranks' sums and counts were merged, so the
-    # epoch mean is over every micro-batch of the epoch (steps 1-2: one of 32 each; step 3: two of 16).
+    # The epoch windows crossed the cuts whole: the saved ranks' sums and counts were merged, and
+    # micro-batches weigh by their samples, so the epoch mean is over every sample of the epoch (steps
+    # 1-2: one micro-batch of 32 each; step 3: two of 16): the mean of its three 32-sample steps.
     assert got[3]["epoch_train_loss_avg"] == pytest.approx(
-        (got[1]["total_loss"] + got[2]["total_loss"] + 2 * got[3]["total_loss"]) / 4, rel=1e-9)
+        (got[1]["total_loss"] + got[2]["total_loss"] + got[3]["total_loss"]) / 3, rel=1e-9)
     assert got[6]["epoch_train_loss_avg"] == pytest.approx(
-        (2 * got[4]["total_loss"] + got[5]["total_loss"] + got[6]["total_loss"]) / 4, rel=1e-9)
+        (got[4]["total_loss"] + got[5]["total_loss"] + got[6]["total_loss"]) / 3, rel=1e-9)
     # The run config of this attempt records its own layout.
     (run,) = [read_run(p) for p in offline_runs(out)]
     assert run["config"]["world_size"] == 1 and run["config"]["effective_batch_size"] == 32
@@ -183,6 +184,13 @@ def test_a_split_over_another_process_count_is_the_same_run_and_another_effectiv
     blocking, _ = config_differences(saved, now, processes=1, saved_processes=2)
     assert blocking == ["effective batch (train.batch_size x processes x train.gradient_accumulation_steps): "
                         "16 x 2 x 2 = 64 -> 8 x 1 x 2 = 16"]
+    # A run with no checkpoint yet has no data position: it may start over with another effective batch.
+    assert config_differences(saved, now, processes=1, saved_processes=2, effective_batch=False)[0] == []
+    # A checkpoint written before model.global_alignment existed (and one that had it off) resumes:
+    # which negatives the loss sees is not what makes a run (a batch split changes them too).
+    del saved["model"]["global_alignment"]
+    blocking, other = config_differences(saved, now, processes=4, saved_processes=2)
+    assert blocking == [] and "model.global_alignment: None -> True" in other
 
 
 # ------------------------------------------------------------------------------------ the pieces
@@ -289,6 +297,12 @@ def test_the_printed_command_replaces_the_fix_flags_in_either_form():
     assert _command(worker, env, launcher) == (
         "Continue with: /usr/bin/python3 /nonexistent/accelerate launch --multi_gpu --num_processes 2 -m mmtrain "
         "train --config c.yaml --train.batch_size 8 --train.gradient_accumulation_steps 2 --train.resume auto")
+    # accelerate's one-process launcher sets no LOCAL_RANK but exports its settings: its command line too
+    # (printing `python -m mmtrain ...` instead would drop its --mixed_precision bf16).
+    one = ["/usr/bin/python3", "/nonexistent/accelerate", "launch", "--num_processes", "1", "--mixed_precision",
+           "bf16", "-m", "mmtrain", "train", "--config", "c.yaml", "--train.batch_size", "16"]
+    assert _command(worker, {"ACCELERATE_MIXED_PRECISION": "bf16"}, one).startswith(
+        "Continue with: /usr/bin/python3 /nonexistent/accelerate launch --num_processes 1 --mixed_precision bf16 ")
     # Several nodes (or a parent that is not the launcher): the mmtrain part, to run under the same launcher.
     several = _command(worker, {**env, "WORLD_SIZE": "4"}, launcher)
     assert several.startswith("Continue with the same launcher and its options (on every node), followed by: "

@@ -231,6 +231,12 @@ def test_sharded_checkpoint_loads_into_an_unsharded_model(tmp_path):
     with pytest.raises(CheckpointError, match=r"posix\.system is not allowed in a checkpoint"):
         load_weights(Accelerator(cpu=True), target, target_opt, tmp_path, torch.device("cpu"))
     assert not (tmp_path / "ran").exists()
+    # Nor a class of DCP's own package outside its Metadata (one starts a process when unpickled).
+    from torch.distributed.checkpoint._async_process_executor import _AsyncCheckpointProcess
+
+    (tmp_path / SHARDED_DIR / ".metadata").write_bytes(pickle.dumps(_AsyncCheckpointProcess))
+    with pytest.raises(CheckpointError, match=r"_AsyncCheckpointProcess is not allowed in a checkpoint"):
+        load_weights(Accelerator(cpu=True), target, target_opt, tmp_path, torch.device("cpu"))
 
 
 class _RunsCode:

@@ -101,6 +101,13 @@ def test_by_hand_dry_run_flags_and_environment_agree_and_the_older_form_still_wo
     assert (options["--num_machines"], options["--machine_rank"], options["--num_processes"]) == ("3", "1", "3")
     assert (options["--main_process_ip"], options["--main_process_port"], options["--rdzv_conf"]) == \
         ("h0", "29500", "is_host=false")
+    # One GPU: one process unless more are asked for (they then share it, multi_gpu.yaml's launcher mode).
+    for asked, config, count in ((None, "single_gpu.yaml", "1"), ("2", "multi_gpu.yaml", "2")):
+        proc = subprocess.run(["bash", str(LAUNCH), *(["--nproc-per-node", asked] if asked else []), "--dry-run",
+                               "--", "--config", "configs/tiny.yaml"], cwd=REPO, env=_env(GPUS_PER_NODE="1"),
+                              capture_output=True, text=True, timeout=60)
+        options = _words(proc.stdout)
+        assert options["--config_file"].endswith(config) and options["--num_processes"] == count, proc.stdout
 
 
 def _slurm_job(**extra: str) -> dict[str, str]:
@@ -126,7 +133,7 @@ def test_sbatch_dry_run_renders_the_command_of_every_node(tmp_path):
     assert {o["--main_process_ip"] for o in options} == {"gpu01"}
     assert {o["--num_processes"] for o in options} == {"16"}
     assert {o["--num_machines"] for o in options} == {"4"}
-    assert {o["--main_process_port"] for o in options} == {str(20000 + 123456 % 20000)}
+    assert {o["--main_process_port"] for o in options} == {str(15000 + 123456 % 15000)}
     assert {o["--rdzv_backend"] for o in options} == {"c10d"}
     assert all(line.endswith("-m mmtrain train --config configs/default.yaml") for line in map(str.strip, lines))
     # What the batch script itself would start: one task per node, this repository's launch.sh.
@@ -152,13 +159,16 @@ def test_srun_task_uses_its_own_node_id(tmp_path, gpus):
 
 
 def test_batch_script_forwards_signals_to_the_step_and_returns_its_exit_code(tmp_path):
-    """sbatch's shell starts the step with srun, passes SIGUSR1/SIGTERM on to it (srun hands them to
-    every task), keeps waiting after a signal, and exits with the step's exit code."""
+    """sbatch's shell starts the step with srun, passes SIGUSR1/SIGHUP on to it (srun hands them to
+    every task), keeps waiting after a signal, and exits with the step's exit code. SIGTERM is not
+    passed on (Slurm sends it to every process of the step itself; a second copy would cut the
+    launchers' graceful stop short): the shell survives it and keeps waiting."""
     bin_dir, calls, got = tmp_path / "bin", tmp_path / "srun.args", tmp_path / "srun.signals"
     _scontrol(bin_dir)
-    # srun: once its traps are set, records its arguments, then runs until SIGTERM, on which it
+    # srun: once its traps are set, records its arguments, then runs until SIGHUP, on which it
     # exits 7 (a failed step).
-    _stub(bin_dir, "srun", f'trap "echo USR1 >> {got}" USR1\ntrap "echo TERM >> {got}; exit 7" TERM\n'
+    _stub(bin_dir, "srun", f'trap "echo USR1 >> {got}" USR1\ntrap "echo TERM >> {got}" TERM\n'
+                           f'trap "echo HUP >> {got}; exit 7" HUP\n'
                            f'echo "$@" > {calls}.tmp && mv {calls}.tmp {calls}\nwhile :; do sleep 0.05; done')
     proc = subprocess.Popen(["bash", str(LAUNCH), "--master-port", "25000", "--", "--config", "configs/tiny.yaml"],
                             cwd=tmp_path, env=_env(bin_dir, **_slurm_job()), stdout=subprocess.PIPE,
@@ -172,10 +182,13 @@ def test_batch_script_forwards_signals_to_the_step_and_returns_its_exit_code(tmp
             time.sleep(0.05)
         assert proc.poll() is None, "the batch script ended on SIGUSR1"
         proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the batch script ended on SIGTERM"
+        proc.send_signal(signal.SIGHUP)
         proc.communicate(timeout=30)
     finally:
         proc.kill()
-    assert got.read_text().split() == ["USR1", "TERM"]
+    assert got.read_text().split() == ["USR1", "HUP"]
     assert proc.returncode == 7
     args = calls.read_text().split()
     assert args[:5] == ["--nodes=4", "--ntasks=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=8"]

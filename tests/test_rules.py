@@ -176,7 +176,10 @@ def test_combine_of_two_ranks_equals_the_naive_pooled_values(layout, max_norm):
 
     every_batch = [mb for rank in batches for mb in rank]
     every_loss = [lo for rank in losses for lo in rank]
-    expected = {k: sum(lo[k] for lo in every_loss) / len(every_loss) for k in loss_names()}  # equal weights
+    every_size = [size for rank_sizes in sizes for size in rank_sizes]
+    # Each micro-batch's loss weighted by its samples: the mean over the window's samples.
+    expected = {k: sum(lo[k] * n for lo, n in zip(every_loss, every_size, strict=True)) / sum(every_size)
+                for k in loss_names()}
     clip = [min(1.0, max_norm / (n + 1e-6)) for n in norms]
     expected |= {"grad_norm": sum(norms) / 3, "grad_norm_max": 2.0,
                  "grad_norm_clipped": sum(n * c for n, c in zip(norms, clip, strict=True)) / 3,
@@ -230,7 +233,6 @@ RUN = {**WEIGHTS, "data.synthetic_train_size": 36, "data.synthetic_val_size": 20
        "optim.lr": 3e-3,
        "optim.min_lr": 1e-4, "optim.warmup_steps": 0, "optim.max_grad_norm": 1.0}
 STEPS_PER_EPOCH, TOTAL_STEPS = 3, 6
-MICRO_BATCHES = [2, 2, 1]   # per optimizer step (= per log window) within an epoch
 SAMPLES = [16, 16, 4]       # per optimizer step within an epoch
 
 
@@ -320,8 +322,8 @@ def test_epoch_metrics_against_the_epoch_windows(run):
     for epoch, r in enumerate(run.epochs):
         windows = run.train[STEPS_PER_EPOCH * epoch:STEPS_PER_EPOCH * (epoch + 1)]
 
-        def mean(key, windows=windows):  # over the epoch's micro-batches, equal weights
-            return sum(n * w[key] for n, w in zip(MICRO_BATCHES, windows, strict=True)) / sum(MICRO_BATCHES)
+        def mean(key, windows=windows):  # over the epoch's samples (micro-batches weighted by their samples)
+            return sum(n * w[key] for n, w in zip(SAMPLES, windows, strict=True)) / sum(SAMPLES)
 
         assert r["epoch_train_loss_avg"] == pytest.approx(mean("total_loss"), rel=1e-9)
         assert r["image_caption_loss_ratio"] == pytest.approx(mean("loss_image") / mean("loss_caption"), rel=1e-9)

@@ -194,7 +194,7 @@ def test_two_processes_gather_exact_cross_rank_values(tmp_path):
     assert len(offline_runs(out)) == 1
     for call, record in zip(window_calls, records, strict=True):
         rows = [ranks[r][call] for r in (0, 1)]
-        per_rank_loss = [row["loss"]["total_loss"] / row["counts"]["micro_batches"] for row in rows]
+        per_rank_loss = [row["loss"]["total_loss"] / row["counts"]["samples"] for row in rows]
         assert per_rank_loss[0] != per_rank_loss[1]  # the ranks saw different data
         assert record["total_loss"] == pytest.approx(sum(per_rank_loss) / 2, rel=1e-9)
         lat_max = [row["maxes"]["latent_max"] for row in rows]

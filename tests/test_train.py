@@ -125,6 +125,7 @@ def test_fp16_on_cpu_warns_and_runs_bf16(tmp_path):
                                                              "wandb.mode": "disabled"}))
     assert trainer.accelerator.mixed_precision == "bf16"
     assert any("fp16" in str(w.message) and "bf16" in str(w.message) for w in caught)
+    assert trainer.cfg.train.mixed_precision == "bf16"  # config.yaml records what the run trains in
 
 
 def test_auto_precision_is_the_launchers(monkeypatch):
@@ -139,7 +140,7 @@ def test_auto_precision_is_the_launchers(monkeypatch):
     assert resolve_precision("auto", use_cpu=True) == "bf16"
     assert resolve_precision("no", use_cpu=True) == "no"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
-    with pytest.raises(ConfigError, match="--train.mixed_precision"):
+    with pytest.raises(ConfigError, match=r"--train\.mixed_precision"):
         resolve_precision("auto", use_cpu=True)
 
 
@@ -148,4 +149,6 @@ def test_config_yaml_reproduces_the_run_config(trained):
 
     out, _, _, _ = trained
     again = load_config(out / "config.yaml")
-    assert dataclasses.asdict(again) == dataclasses.asdict(tiny_config(out, **{"train.epochs": 3}))
+    # The precision asked for (auto: the launcher's, none here) is recorded as the one trained in.
+    assert dataclasses.asdict(again) == dataclasses.asdict(tiny_config(out, **{"train.epochs": 3,
+                                                                               "train.mixed_precision": "no"}))

@@ -9,6 +9,7 @@ all-gather and one host copy, on every rank) and the records are built from the 
 plain Python (:func:`combine`, :func:`gradient_detail`, :func:`hardware_record`).
 """
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -49,6 +50,9 @@ class Window:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        # The window's clock counts training time only: it starts paused (set-up, W&B's start-up and
+        # a resume's loading are not step time) and is paused for validation and the epoch's checkpoint.
+        self._since: float | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -60,13 +64,31 @@ class Window:
         self.grad["clip_coef"] = torch.ones((), **f64)
         self.micro_batches = self.optimizer_steps = self.samples = self.skipped_steps = 0
         self.data_wait = 0.0
-        self.started = time.perf_counter()
+        self._elapsed = 0.0
+        if self._since is not None:
+            self._since = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds of training time in this window (wall clock while not paused)."""
+        running = time.perf_counter() - self._since if self._since is not None else 0.0
+        return self._elapsed + running
+
+    @property
+    def running(self) -> bool:
+        return self._since is not None
+
+    def pause(self) -> None:
+        self._elapsed, self._since = self.elapsed(), None
+
+    def resume(self) -> None:
+        if self._since is None:
+            self._since = time.perf_counter()
 
     def state_dict(self) -> dict[str, Any]:
         """For checkpoints: a resumed run continues the window instead of logging a partial one."""
         return {"loss_sum": self.loss_sum.cpu(), "sample_sums": self.sample_sums.cpu(),
                 "sample_maxes": self.sample_maxes.cpu(), "grad": {k: v.cpu() for k, v in self.grad.items()},
-                **{k: getattr(self, k) for k in self._COUNTS}, "elapsed": time.perf_counter() - self.started,
+                **{k: getattr(self, k) for k in self._COUNTS}, "elapsed": self.elapsed(),
                 "loss_weighting": "samples"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -79,7 +101,7 @@ class Window:
         self.grad = {k: v.to(self.device) for k, v in state["grad"].items()}
         for k in self._COUNTS:
             setattr(self, k, state[k])
-        self.started = time.perf_counter() - state["elapsed"]  # the time spent down is not step time
+        self._elapsed, self._since = state["elapsed"], None  # the time spent down is not step time
 
     @staticmethod
     def merged_state(states: list[dict[str, Any]]) -> dict[str, Any]:
@@ -122,7 +144,7 @@ class Window:
     def columns(self) -> dict[str, Part]:
         """Everything this rank contributes to the window's record, by name."""
         counts = {k: float(getattr(self, k)) for k in self._COUNTS}
-        counts["elapsed"] = time.perf_counter() - self.started
+        counts["elapsed"] = self.elapsed()
         return {"loss": (loss_names(), self.loss_sum), "sums": (SUM_FIELDS, self.sample_sums),
                 "maxes": (MAX_FIELDS, self.sample_maxes), "grad": self.grad, "counts": counts}
 
@@ -202,6 +224,27 @@ class Windows:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.log.load_state_dict(state["window"])
         self.epoch.load_state_dict(state["epoch_window"])
+
+    def pause(self) -> None:
+        """Stop both windows' clocks: what follows is not training time."""
+        self.log.pause()
+        self.epoch.pause()
+
+    def resume(self) -> None:
+        """Start (or restart) both windows' clocks; idempotent."""
+        self.log.resume()
+        self.epoch.resume()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Both clocks stopped inside the block, then back to running only if they were."""
+        running = self.log.running
+        self.pause()
+        try:
+            yield
+        finally:
+            if running:
+                self.resume()
 
     def load_resharded_state(self, saved: list[dict[str, Any]], resharding: Any) -> None:
         """A checkpoint of another process count (``resharding``: mmtrain.checkpoint.Resharding):

@@ -157,6 +157,7 @@ class Trainer:
         Collective. Returns True when the ranks agreed to stop on a signal (a checkpoint is saved)."""
         acc, model, state, telemetry = self.accelerator, self.model, self.state, self.telemetry
         model.train()
+        telemetry.windows.resume()  # the windows' clocks count training time only
         self.train_loader.set_epoch(epoch)
         loader = self.train_loader
         if state.batches_in_epoch:
@@ -244,7 +245,8 @@ class Trainer:
         a max_steps cut), then the validation pass. Only a complete epoch moves the data position."""
         state = self.state
         self.read_nonfinite_or_raise()  # the epoch's last events are logged before its record
-        val = self.evaluator.run(self.model, self.val_loader)
+        with self.telemetry.windows.paused():  # a log window spanning the epoch end times its steps only
+            val = self.evaluator.run(self.model, self.val_loader)
         record = self.telemetry.gather_epoch_record(val, state.optimizer_step)
         if complete:
             state.epoch, state.batches_in_epoch = epoch + 1, 0
@@ -261,7 +263,8 @@ class Trainer:
         if self.checkpointer.last_saved_step != step:
             self.read_nonfinite_or_raise()
             self.loggers.flush()
-            self.checkpointer.save(step)
+            with self.telemetry.windows.paused():  # checkpoint writes are not step time
+                self.checkpointer.save(step)
         return self.checkpointer.path_for(step)
 
     def close_after_stop_signal(self) -> dict[str, Any]:

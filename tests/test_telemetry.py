@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from mmtrain.metrics import (
     summarize,
     summarize_grads,
 )
+from mmtrain.telemetry import Window, Windows
 from mmtrain.trainer import Trainer
 
 # ----------------------------------------------------------------------------- pure functions
@@ -203,3 +205,38 @@ def test_two_processes_gather_exact_cross_rank_values(tmp_path):
         assert lat_max[0] != lat_max[1] or lat_min[0] != lat_min[1]
         for r in (0, 1):
             assert record[f"hw/rank{r}/rss_mb"] == rows[r]["hw"]["rss_mb"]
+
+
+def test_window_clock_counts_training_time_only():
+    window = Window(torch.device("cpu"))
+    assert not window.running and window.elapsed() == 0.0  # built paused: set-up is not step time
+    window.resume()
+    time.sleep(0.05)
+    window.pause()
+    first = window.elapsed()
+    time.sleep(0.05)  # paused: validation, a checkpoint write
+    assert window.elapsed() == first and 0.04 < first < 0.5
+    windows = Windows(torch.device("cpu"))
+    windows.resume()
+    with windows.paused():
+        assert not windows.log.running and not windows.epoch.running
+    assert windows.log.running and windows.epoch.running  # back to running: it was
+    windows.pause()
+    with windows.paused():
+        pass
+    assert not windows.log.running  # stays paused: it was
+    state = windows.log.state_dict()
+    restored = Window(torch.device("cpu"))
+    restored.load_state_dict(state)
+    assert not restored.running and restored.elapsed() == pytest.approx(state["elapsed"])  # resumes paused
+
+
+def test_first_window_step_time_leaves_out_set_up(tmp_path):
+    # Before: the first window's clock started when the Trainer was built, so W&B's start-up (and
+    # here, a 5 s pause before fit) was logged as step time.
+    trainer = Trainer(tiny_config(tmp_path, **{"wandb.log_frequency": 2, "wandb.mode": "disabled",
+                                               "wandb.media_samples": 0}))
+    time.sleep(5.0)
+    trainer.fit()
+    first = next(r for r in read_jsonl(tmp_path / "metrics.jsonl") if "step_time" in r)
+    assert first["step_time"] * 2 < 2.5, first  # two tiny steps: ~0.1 s, a few times that on a busy machine

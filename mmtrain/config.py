@@ -197,6 +197,13 @@ class TrainConfig:
         "auto", "Autocast precision; auto: the launcher's (accelerate launch --mixed_precision, or its config "
         "file's mixed_precision, e.g. bf16 in accelerate_configs/fsdp.yaml), else no. fp16 on a CPU-only machine "
         "runs as bf16 with a warning.")
+    compile: Literal["none", "false", "default", "reduce-overhead", "max-autotune"] = _f(
+        "none", "torch.compile the model (inductor, through Accelerate's TorchDynamoPlugin) in this mode; "
+        "none/false: eager. Off by default: on the 2-core CPU a cold compile took 3-5 minutes and steps were no faster "
+        "(benchmarks/BENCHMARKS.md, Speed levers); GPU figure pending. CPU needs a C++ compiler.")
+    channels_last: Literal["auto", "true", "false"] = _f(
+        "auto", "Conv weights and images in channels_last (NHWC) memory format. auto: on for CUDA with bf16/fp16 "
+        "(cuDNN's tensor-core convolutions are NHWC-native), off on CPU (no gain measured there) and under FSDP.")
     seed: int = _f(42, "Seed for model init, data order and dropout on every rank.")
     eval_batch_size: int = _f(0, "Samples per device in evaluation; 0 means train.batch_size.")
     cpu: bool = _f(False, "Train on CPU even if a GPU is present.")

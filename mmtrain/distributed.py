@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mmtrain.config import TrainConfig
 from mmtrain.errors import ConfigError
+from mmtrain.speed import dynamo_plugin, enable_cudnn_benchmark
 
 
 def resolve_precision(requested: str, use_cpu: bool) -> str:
@@ -120,7 +121,9 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         step_scheduler_with_optimizer=False,
         fsdp_plugin=plugin,
         kwargs_handlers=[] if plugin is not None else [ddp],  # DDP's settings only where DDP wraps
+        dynamo_plugin=dynamo_plugin(cfg.compile),  # train.compile; prepare() compiles last, after DDP/FSDP
     )
+    enable_cudnn_benchmark(acc.device)  # fixed image size: the autotuned conv algorithm stays the best
     if plugin is not None and acc.distributed_type == DistributedType.MULTI_CPU:
         _fsdp_on_cpu(acc, plugin, precision)
     return acc
@@ -163,7 +166,7 @@ def full_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, Ten
     (an empty dict on the others). Under DDP or one process: the unwrapped model's own state dict,
     on every rank, without communication."""
     if not is_sharded(accelerator):
-        return accelerator.unwrap_model(model).state_dict()
+        return accelerator.unwrap_model(model, keep_torch_compile=False).state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -174,7 +177,7 @@ def full_model(accelerator: Accelerator, model: nn.Module, build: Callable[[], n
     others), built with ``build()`` and loaded from the gathered full state dict. Under DDP or one
     process: ``unwrap_model(model)`` itself, without a copy."""
     if not is_sharded(accelerator):
-        return accelerator.unwrap_model(model)
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
     state = full_state_dict(accelerator, model)
     if not accelerator.is_main_process:
         return None

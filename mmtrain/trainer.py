@@ -50,6 +50,7 @@ from mmtrain.run_dir import (
     run_config,
     run_summary,
 )
+from mmtrain.speed import apply_channels_last
 from mmtrain.telemetry import EPOCH_METRICS, Telemetry
 
 
@@ -71,6 +72,9 @@ class Trainer:
         # never costs an earlier run its files.
         self.data = build_data(cfg, acc, self.resume_from)
         model = build_model(cfg.model, len(self.data.tokenizer))
+        # train.channels_last: NHWC weights, and pixel_values converted on the way into forward (a pre-hook).
+        self.channels_last = apply_channels_last(model, cfg.train.channels_last, acc.device, acc.mixed_precision,
+                                                 sharded=is_sharded(acc))
         self.model_config, self.total_parameters = model.config, model.num_parameters()
         self.model, self.optimizer, self.train_loader, self.val_loader = acc.prepare(
             model, build_optimizer(model, cfg.optim), self.data.train_loader, self.data.val_loader)

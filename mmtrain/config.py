@@ -131,7 +131,17 @@ class DataConfig:
     synthetic_seed: int = _f(0, "Seed of the synthetic engravings; the same seed draws the same images.")
     cache_dir: str | None = _f(
         None, "Where the synthetic dataset is cached; null means $MMTRAIN_CACHE or ~/.cache/mmtrain.")
-    num_workers: int = _f(2, "DataLoader worker processes per rank (0 = load in the training process).")
+    # Typed str so that config files and the command line can say "auto"; __post_init__ turns a whole
+    # number into an int (coerce's int rule), so an explicit value reaches the DataLoader as before.
+    num_workers: str = _f(
+        "auto", "DataLoader worker processes per rank (0 = load in the training process), or auto: chosen from the "
+        "device and the cores this process may use (os.sched_getaffinity split over the node's processes): on CUDA "
+        "min(8, cores per process - 1) workers with pinned memory; on CPU 0 below 8 cores per process (the step "
+        "and the workers compete for the same cores), else 1 per 8. The value used is printed at start-up.")
+    decode_cache: Literal["auto", "true", "false"] = _f(
+        "auto", "Decode every image once into a datasets cache (float32 pixels after the resize and crop, exactly "
+        "the tensors decoded on the fly, so training is bit-identical) instead of in every epoch. auto: on when "
+        "the decoded train + validation splits take at most 2 GiB (image_channels x image_size^2 x 4 bytes each).")
     min_word_frequency: int = _f(1, "Words seen fewer times in the training captions map to [UNK].")
     skip_bad_samples: bool = _f(False, "Skip unreadable images (counted and reported) instead of stopping.")
 
@@ -155,7 +165,17 @@ class DataConfig:
         _require_seed(s, "synthetic_seed", self.synthetic_seed)
         _require(self.synthetic_train_size > 0, s, "synthetic_train_size", "must be > 0", self.synthetic_train_size)
         _require(self.synthetic_val_size > 0, s, "synthetic_val_size", "must be > 0", self.synthetic_val_size)
-        _require(self.num_workers >= 0, s, "num_workers", "must be >= 0", self.num_workers)
+        given = self.num_workers
+        if isinstance(given, str) and given.strip() == "auto":
+            self.num_workers = "auto"
+        else:
+            try:
+                workers = coerce(f"{s}.num_workers", given, int)
+            except ConfigError:
+                workers = -1  # reported below, with what is accepted
+            _require(workers >= 0, s, "num_workers", "must be auto or a whole number >= 0 (worker processes per "
+                     "rank; 0 loads in the training process)", given)
+            self.num_workers = workers  # type: ignore[assignment]
         _require(self.min_word_frequency >= 1, s, "min_word_frequency", "must be >= 1", self.min_word_frequency)
 
     def resolved_cache_dir(self) -> Path:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, default_collate
 from torchvision.transforms import v2
 
 from mmtrain.config import Config, DataConfig, ModelConfig
+from mmtrain.decoded import DECODE_CACHE_AUTO_BYTES, DecodedSamples, decode_once, decoded_bytes, wants_decode_cache
 from mmtrain.errors import CheckpointError, DataError
 from mmtrain.images import decode_image
 from mmtrain.resilience import ignore_stop_signals, reap_workers_at_exit
@@ -214,10 +215,16 @@ def image_transform(model: ModelConfig) -> Callable[[Any], torch.Tensor]:
     16-bit images keep their precision), then a centre crop to S x S (the longer side loses equal
     margins; the image is never squashed). Raises ``mmtrain.images.ImageDecodeError``.
     """
-    geometry = v2.Compose([v2.Resize(model.image_size, antialias=True), v2.CenterCrop(model.image_size)])
+    return pixel_transform(model.image_size, model.image_channels, model.image_background)
+
+
+def pixel_transform(image_size: int, channels: int, background: str) -> Callable[[Any], torch.Tensor]:
+    """:func:`image_transform` from the three settings it depends on (no ``ModelConfig`` needed: the
+    decode cache builds it inside a ``datasets.map`` from hashable arguments)."""
+    geometry = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
 
     def transform(image: Any) -> torch.Tensor:
-        pixels = decode_image(image, model.image_channels, model.image_background)
+        pixels = decode_image(image, channels, background)
         return geometry(pixels).clamp_(0.0, 1.0)  # bilinear weights are convex; this only absorbs rounding
 
     return transform
@@ -251,14 +258,20 @@ def undecoded(ds: Any) -> Any:
 
 
 def build_dataloader(ds: Any, tokenizer: Any, model: ModelConfig, batch_size: int, num_workers: int,
-                     shuffle: bool, seed: int, pin_memory: bool = False) -> DataLoader:
-    """A plain torch DataLoader over the lazily transformed dataset; Accelerate shards it later."""
+                     shuffle: bool, seed: int, pin_memory: bool = False, decoded: Any = None) -> DataLoader:
+    """A plain torch DataLoader over the lazily transformed dataset; Accelerate shards it later.
+
+    ``decoded``: ``ds`` through :func:`mmtrain.decoded.decode_once` (same rows, pixels already decoded),
+    read instead of decoding ``ds`` again; the batches are bit-identical either way. Each worker loads
+    torch's default 2 batches ahead (prefetch_factor): with up to 8 workers that is 16 batches in flight."""
     generator = torch.Generator()
     generator.manual_seed(seed)
     if num_workers > 0:
         reap_workers_at_exit()
+    view = DecodedSamples(decoded, tokenizer, model) if decoded is not None else \
+        undecoded(ds).with_transform(make_transform(tokenizer, model))
     return DataLoader(
-        undecoded(ds).with_transform(make_transform(tokenizer, model)),
+        view,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
@@ -268,6 +281,80 @@ def build_dataloader(ds: Any, tokenizer: Any, model: ModelConfig, batch_size: in
         drop_last=False,
         worker_init_fn=ignore_stop_signals,
     )
+
+
+# data.num_workers auto: on CUDA at most this many workers per rank (decoding 8 batches in parallel keeps
+# any one GPU of ours fed; more workers only cost memory and start-up) ...
+MAX_AUTO_WORKERS = 8
+# ... and on CPU one worker per this many cores of the rank: the step's intra-op threads use every core, so
+# a worker takes cores from the step. On 2 cores 0 workers is fastest (benchmarks/BENCHMARKS.md, Data
+# pipeline); decoding is ~10% of a laptop CPU step, so a worker pays once it costs the step at most ~1/8.
+CPU_CORES_PER_WORKER = 8
+
+
+def auto_num_workers(device_type: str, cores: int, processes: int) -> int:
+    """data.num_workers auto for a rank: ``device_type`` its torch device type ("cuda", "cpu", ...), ``cores``
+    the CPU cores this process may use, ``processes`` the training processes sharing them (the node's
+    ranks). A pure function of the three: CUDA min(8, cores per process - 1) (one core stays with the
+    training process); anything else cores per process // 8 (0 below 8 cores per process)."""
+    per_process = max(1, cores // max(1, processes))
+    if device_type == "cuda":
+        return max(0, min(MAX_AUTO_WORKERS, per_process - 1))
+    return per_process // CPU_CORES_PER_WORKER
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: taskset, cgroups cpusets, SLURM's binding)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+def local_processes(world_size: int) -> int:
+    """Training processes on this machine: LOCAL_WORLD_SIZE (torchrun and accelerate launch set it), else
+    ``world_size`` (one machine)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "")))
+    except ValueError:
+        return max(1, world_size)
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How this rank's loaders load: the resolved data.num_workers and data.decode_cache."""
+
+    num_workers: int
+    pin_memory: bool
+    decode_cache: bool
+    why: str  # the inputs of the auto choices, for the start-up line
+
+    def as_config(self) -> dict[str, Any]:
+        """Flat values for the run config (what the run used, next to the requested data.* values)."""
+        return {"data_num_workers": self.num_workers, "data_pin_memory": self.pin_memory,
+                "data_decode_cache": self.decode_cache}
+
+    def line(self) -> str:
+        workers = f"{self.num_workers} worker(s) per process" if self.num_workers else "no workers (in-process)"
+        cache = "images decoded once (decode cache)" if self.decode_cache else "images decoded every epoch"
+        return f"mmtrain: data loading: {workers}{', pinned memory' if self.pin_memory else ''}; {cache} ({self.why})"
+
+
+def loader_settings(data: DataConfig, model: ModelConfig, device_type: str, world_size: int,
+                    rows: int) -> LoaderSettings:
+    """Resolve data.num_workers and data.decode_cache for a rank on ``device_type`` in a run of
+    ``world_size`` processes, ``rows`` images to cache (train + validation)."""
+    cores, processes = usable_cores(), local_processes(world_size)
+    if data.num_workers == "auto":
+        workers = auto_num_workers(device_type, cores, processes)
+        why = [f"num_workers auto: {device_type}, {cores} core(s), {processes} process(es) on this machine"]
+    else:
+        workers, why = int(data.num_workers), []
+    cache = wants_decode_cache(data.decode_cache, rows, model)
+    if data.decode_cache == "auto":
+        why.append(f"decode_cache auto: {decoded_bytes(rows, model) / 2**20:.0f} MiB decoded, "
+                   f"{'<=' if cache else '>'} {DECODE_CACHE_AUTO_BYTES / 2**30:.0f} GiB")
+    return LoaderSettings(workers, device_type == "cuda", cache, "; ".join(why) or "as configured")
 
 
 def fixed_batch(ds: Any, tokenizer: Any, model: ModelConfig, n: int) -> dict:
@@ -286,13 +373,15 @@ class TrainingData:
     train_loader: DataLoader
     val_loader: DataLoader
     skipped: int  # samples left out under data.skip_bad_samples
+    loader: LoaderSettings | None = None  # how the loaders load (resolved num_workers, pin_memory, decode cache)
 
 
 def build_data(cfg: Config, accelerator: Accelerator, resume_from: Path | None) -> TrainingData:
     """Load and check the splits, build (or, resuming, load) the tokenizer and the loaders.
 
     Raises DataError when the training split holds less than one global batch. The main rank
-    draws or caches the synthetic set (or downloads) first; the others then read its cache.
+    draws or caches the synthetic set (or downloads) first, and decodes it once under data.decode_cache;
+    the others then read its caches. Prints the loader settings used (:class:`LoaderSettings`) once.
     """
     with accelerator.main_process_first():
         splits = load_splits(cfg.data, cfg.model)
@@ -302,16 +391,23 @@ def build_data(cfg: Config, accelerator: Accelerator, resume_from: Path | None) 
         raise DataError(f"the training split has {len(train)} samples, fewer than one global batch "
                         f"(train.batch_size={cfg.train.batch_size} x {accelerator.num_processes} processes); "
                         "lower train.batch_size or add data")
+    settings = loader_settings(cfg.data, cfg.model, accelerator.device.type, accelerator.num_processes,
+                               len(train) + len(val))
+    decoded: list[Any] = [None, None]
+    if settings.decode_cache:
+        with accelerator.main_process_first():  # the main rank decodes and caches, the others read its cache
+            decoded = [decode_once(train, cfg.model, "train"), decode_once(val, cfg.model, "validation")]
     if resume_from is not None:  # the vocabulary the checkpoint's embedding rows belong to
         tokenizer = load_tokenizer(resume_from / "tokenizer")
     else:
         tokenizer = build_tokenizer(train["caption"], cfg.model.max_caption_length, cfg.data.min_word_frequency)
-    pin = accelerator.device.type == "cuda"
+    accelerator.print(settings.line())
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
-    loaders = [build_dataloader(ds, tokenizer, cfg.model, bs, cfg.data.num_workers, shuffle=shuffle,
-                                seed=cfg.train.seed, pin_memory=pin)
-               for ds, bs, shuffle in ((train, cfg.train.batch_size, True), (val, eval_bs, False))]
-    return TrainingData(train, val, tokenizer, *loaders, skipped=len(splits.skipped))
+    loaders = [build_dataloader(ds, tokenizer, cfg.model, bs, settings.num_workers, shuffle=shuffle,
+                                seed=cfg.train.seed, pin_memory=settings.pin_memory, decoded=pixels)
+               for ds, pixels, bs, shuffle in ((train, decoded[0], cfg.train.batch_size, True),
+                                               (val, decoded[1], eval_bs, False))]
+    return TrainingData(train, val, tokenizer, *loaders, skipped=len(splits.skipped), loader=settings)
 
 
 def resumed_position(path: Path, batches: int, saved_batch_size: int, saved_processes: int, batch_size: int,

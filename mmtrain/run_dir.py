@@ -32,9 +32,9 @@ RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "m
 SAME_RUN_FIELDS = ("model.", "data.", "train.seed")
 BATCH_SPLIT = ("train.batch_size", "train.gradient_accumulation_steps")
 # Fields under model. and data. that change neither the model nor the samples or their order:
-# data loading logistics, and which negatives the alignment loss sees (an accepted batch split or
+# data loading logistics (workers, caches), and which negatives the alignment loss sees (an accepted batch split or
 # process count changes those too; absent, as None, from checkpoints written before the field).
-NOT_RUN_DEFINING = ("data.num_workers", "data.cache_dir", "model.global_alignment")
+NOT_RUN_DEFINING = ("data.num_workers", "data.cache_dir", "data.decode_cache", "model.global_alignment")
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:

@@ -127,7 +127,7 @@ class Trainer:
             "train_samples": len(self.data.train), "val_samples": len(self.data.val),
             "skipped_bad_samples": self.data.skipped, "vocab_size": self.model_config.vocab_size,
             "total_parameters": self.total_parameters, "steps_per_epoch": self.steps_per_epoch,
-            "total_optimizer_steps": self.total_steps})
+            "total_optimizer_steps": self.total_steps, **self.data.loader.as_config()})
 
     # ------------------------------------------------------------------------------------ the run
 

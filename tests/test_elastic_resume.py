@@ -191,6 +191,10 @@ def test_a_split_over_another_process_count_is_the_same_run_and_another_effectiv
     del saved["model"]["global_alignment"]
     blocking, other = config_differences(saved, now, processes=4, saved_processes=2)
     assert blocking == [] and "model.global_alignment: None -> True" in other
+    # So does one from before data.decode_cache, or with the cache switched: the same samples either way.
+    del saved["data"]["decode_cache"]
+    blocking, other = config_differences(saved, now, processes=4, saved_processes=2)
+    assert blocking == [] and "data.decode_cache: None -> 'auto'" in other
 
 
 # ------------------------------------------------------------------------------------ the pieces

@@ -39,7 +39,7 @@ BOOKKEEPING_PREFIXES = ("wandb.", "log.", "checkpoint.", "diagnostics.")
 BOOKKEEPING_FIELDS = frozenset({
     "train.output_dir", "train.resume", "train.overwrite", "train.progress_bar", "train.requeue",
     "train.eval_batch_size",  # validation values do not depend on it (README)
-    "data.cache_dir", "data.num_workers",  # where the data is cached / how it is loaded, not which data
+    "data.cache_dir", "data.num_workers", "data.decode_cache",  # where the data is cached / how it is loaded
 })
 
 # Past this much metrics.jsonl the runs are read in parallel worker processes (below it, starting

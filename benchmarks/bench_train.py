@@ -7,8 +7,11 @@
     python benchmarks/bench_train.py --presets tiny --rounds 1 --steps 2   # smoke: 2 steps per variant
 
 Every variant trains the same model (``mmtrain.model.build_model`` from the preset, same seed) on the
-same data (the preset's synthetic set at its full 4627 training samples, decoded on the fly by
-mmtrain's transform), on the same batches in the same order (epoch ``e`` is the permutation
+same data (the preset's synthetic set at its full 4627 training samples, the images through mmtrain's
+transform: the hand-written loops decode them in every epoch, as a user's ``with_transform`` does, mmtrain
+reads its decode cache, bit-identical pixels, as its defaults choose; ``--user-data decoded`` gives the
+other variants the decode cache too, so that only the loops differ), on the same batches in the same
+order (epoch ``e`` is the permutation
 ``randperm(n, seed + e)``, which is what mmtrain's seedable sampler draws; checked at start-up), in the
 same precision (fp32 on CPU; ``--gpu``: bf16 autocast), with AdamW, gradient clipping at
 ``optim.max_grad_norm`` and the preset's warmup + cosine schedule, sized to the same number of steps:
@@ -71,7 +74,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mmtrain.config import Config, load_config  # noqa: E402
-from mmtrain.data import load_splits, make_transform, undecoded  # noqa: E402
+from mmtrain.data import load_splits, loader_settings, make_transform, undecoded  # noqa: E402
+from mmtrain.decoded import DecodedSamples, decode_once  # noqa: E402
 from mmtrain.model import build_model  # noqa: E402
 from mmtrain.optim import parameter_groups  # noqa: E402
 from mmtrain.tokenizer import build_tokenizer  # noqa: E402
@@ -129,19 +133,32 @@ class EpochPermutation(Sampler[int]):
         yield from torch.randperm(self.n, generator=g).tolist()
 
 
-class SharedData:
-    """The training split and tokenizer as mmtrain builds them, and torch DataLoaders over them."""
+# The samples the non-mmtrain variants read: "on-the-fly" (default), what a user writes (a datasets
+# with_transform decoding every image in every epoch); "decoded", mmtrain's decode cache (--user-data
+# decoded), which leaves the loops alone in the comparison. mmtrain reads what its defaults choose.
+USER_DATA = {"pipeline": "on-the-fly"}
 
-    def __init__(self, cfg: Config) -> None:
+
+class SharedData:
+    """The training split and tokenizer as mmtrain builds them, and torch DataLoaders over them, with
+    the worker count mmtrain's data.num_workers resolves to on this machine."""
+
+    def __init__(self, cfg: Config, cuda: bool = False) -> None:
         self.cfg = cfg
-        self.train = load_splits(cfg.data, cfg.model).train
+        splits = load_splits(cfg.data, cfg.model)
+        self.train = splits.train
         self.tokenizer = build_tokenizer(self.train["caption"], cfg.model.max_caption_length,
                                          cfg.data.min_word_frequency)
-        self.view = undecoded(self.train).with_transform(make_transform(self.tokenizer, cfg.model))
+        if USER_DATA["pipeline"] == "decoded":
+            self.view = DecodedSamples(decode_once(self.train, cfg.model, "train"), self.tokenizer, cfg.model)
+        else:
+            self.view = undecoded(self.train).with_transform(make_transform(self.tokenizer, cfg.model))
+        self.workers = loader_settings(cfg.data, cfg.model, "cuda" if cuda else "cpu", 1,
+                                       len(splits.train) + len(splits.val)).num_workers
 
     def loader(self, cuda: bool) -> tuple[DataLoader, EpochPermutation]:
         sampler = EpochPermutation(len(self.train), self.cfg.train.seed)
-        workers = self.cfg.data.num_workers
+        workers = self.workers
         return DataLoader(self.view, batch_size=self.cfg.train.batch_size, sampler=sampler, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=cuda), sampler
 
@@ -436,7 +453,7 @@ def timed_block(stepper: Stepper, steps: int, cuda: bool) -> tuple[float, float,
 def build_variant(name: str, preset: str, tmp: Path, total_steps: int, precision: str, cuda: bool,
                   data: SharedData | None = None) -> tuple[Variant, SharedData]:
     cfg = bench_config(preset, tmp / "shared", total_steps, precision)
-    data = data or SharedData(cfg)
+    data = data or SharedData(cfg, cuda)
     return CLASSES[name](data, cfg, total_steps, cuda, preset, tmp), data
 
 
@@ -511,7 +528,8 @@ def child(preset: str, name: str, steps: int, precision: str, cuda: bool) -> int
 def run_child(preset: str, name: str, steps: int, precision: str, cuda: bool) -> tuple[float, float, float]:
     """(wall seconds of the whole process, its peak RSS in MB from ``os.wait4``, in-process seconds of the steps)."""
     cmd = [sys.executable, __file__, "--child", name, "--presets", preset, "--child-steps", str(steps),
-           "--precision", precision, "--user-adamw", USER_ADAMW["impl"]] + (["--gpu"] if cuda else [])
+           "--precision", precision, "--user-adamw", USER_ADAMW["impl"], "--user-data", USER_DATA["pipeline"],
+           *(["--gpu"] if cuda else [])]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
@@ -583,6 +601,9 @@ def main() -> int:
                         help="default: no (fp32) on CPU, bf16 with --gpu")
     parser.add_argument("--user-adamw", default="default", choices=["default", "foreach", "fused"],
                         help="AdamW implementation of plain, accelerate and lightning (mmtrain: fused)")
+    parser.add_argument("--user-data", default="on-the-fly", choices=["on-the-fly", "decoded"],
+                        help="samples of plain, accelerate and lightning: decoded every epoch (what a user writes) "
+                             "or read from mmtrain's decode cache (mmtrain: its defaults)")
     parser.add_argument("--whole-runs", action="store_true", help="one process per run: marginal per-step cost")
     parser.add_argument("--n1", type=int, default=30, help="--whole-runs: the short run's steps")
     parser.add_argument("--n2", type=int, default=130, help="--whole-runs: the long run's steps")
@@ -593,6 +614,7 @@ def main() -> int:
 
     cuda = args.gpu
     USER_ADAMW["impl"] = args.user_adamw
+    USER_DATA["pipeline"] = args.user_data
     if cuda and not torch.cuda.is_available():
         print("bench_train: --gpu asked for, but CUDA is not available here: GPU figures skipped.")
         return 0
@@ -616,7 +638,7 @@ def main() -> int:
         versions += f", lightning {lightning.__version__}"
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} torch threads"
     print(f"{versions}; {device}; precision {precision}; variants {' '.join(names)}; "
-          f"AdamW of plain/accelerate/lightning: {args.user_adamw}", flush=True)
+          f"plain/accelerate/lightning: AdamW {args.user_adamw}, data {args.user_data}", flush=True)
 
     rows = []
     for preset in presets:

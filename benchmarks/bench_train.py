@@ -47,7 +47,8 @@ disagrees with whole runs for telemetry. Here each run is a separate process (th
 ``--child``) that builds its variant, trains N steps and closes (W&B finishes), timed from the outside.
 Per variant: ``(T(N2) - T(N1)) / (N2 - N1)``, the marginal cost per step a user pays, from
 ``--repeats`` interleaved repeats (order reversed every repeat; medians), and the child's peak RSS
-from ``os.wait4`` (``ru_maxrss``; W&B's service process is its own child and not counted).
+from its own ``VmHWM`` at exit (``ru_maxrss`` from ``os.wait4`` would not do: Linux carries the
+pre-exec peak of the forked parent into it; W&B's service process is a process of its own, not counted).
 """
 
 import argparse
@@ -521,27 +522,26 @@ def child(preset: str, name: str, steps: int, precision: str, cuda: bool) -> int
             torch.cuda.synchronize()
         loop = time.perf_counter() - t
         variant.close()
-    print(json.dumps({"loop_s": loop}))
+    print(json.dumps({"loop_s": loop, "peak_mb": peak_rss_mb()}))
     return 0
 
 
 def run_child(preset: str, name: str, steps: int, precision: str, cuda: bool) -> tuple[float, float, float]:
-    """(wall seconds of the whole process, its peak RSS in MB from ``os.wait4``, in-process seconds of the steps)."""
+    """(wall seconds of the whole process, its own peak RSS in MB, in-process seconds of the steps)."""
     cmd = [sys.executable, __file__, "--child", name, "--presets", preset, "--child-steps", str(steps),
            "--precision", precision, "--user-adamw", USER_ADAMW["impl"], "--user-data", USER_DATA["pipeline"],
            *(["--gpu"] if cuda else [])]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc.wait()
         wall = time.perf_counter() - t
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         if proc.returncode != 0:
             raise SystemExit(f"bench_train: {' '.join(cmd)} failed:\n{err.read()[-3000:]}")
-        loop = json.loads(out.read().strip().splitlines()[-1])["loop_s"]
-    return wall, usage.ru_maxrss / 1024, loop  # ru_maxrss is in KiB on Linux
+        result = json.loads(out.read().strip().splitlines()[-1])
+    return wall, result["peak_mb"], result["loop_s"]
 
 
 def measure_whole(preset: str, names: list[str], n1: int, n2: int, repeats: int, precision: str,

@@ -144,10 +144,10 @@ def whole_run(preset: str, arm: str, steps: int, tmp: Path) -> tuple[float, floa
     return json.loads((out / "summary.json").read_text())["train_time_seconds"], wall
 
 
-def measure_whole(preset: str, repeats: int, steps: int) -> dict:
+def measure_whole(preset: str, repeats: int, steps: int, warmup: bool = True) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"mmtrain-overhead-{preset}-") as tmp_name:
         tmp = Path(tmp_name)
-        for arm in ARMS:  # warm-up: the synthetic set's cache, the page cache, wandb's first start
+        for arm in ARMS if warmup else ():  # warm-up: the data caches, the page cache, wandb's first start
             whole_run(preset, arm, 2, tmp)
         runs: dict[str, list[tuple[float, float]]] = {arm: [] for arm in ARMS}
         for r in range(repeats):
@@ -173,6 +173,7 @@ def main() -> int:
     parser.add_argument("--presets", nargs="+", default=None,
                         help="configs/<preset>.yaml (default: laptop; --interleaved: tiny laptop)")
     parser.add_argument("--repeats", type=int, default=8, help="whole runs: pairs of runs")
+    parser.add_argument("--no-warmup", action="store_true", help="whole runs: skip the untimed first pair")
     parser.add_argument("--rounds", type=int, default=40, help="--interleaved: timed blocks per arm")
     parser.add_argument("--steps", type=int, default=None, help="whole runs: optimizer steps per run (default "
                         "150); --interleaved: per block (default 10; a multiple of the log frequency)")
@@ -184,7 +185,7 @@ def main() -> int:
     if not args.interleaved:
         steps = args.steps or 150
         print(f"whole runs: {args.repeats} pairs of `mmtrain train` processes x {steps} steps", flush=True)
-        results = [measure_whole(preset, args.repeats, steps) for preset in presets]
+        results = [measure_whole(preset, args.repeats, steps, not args.no_warmup) for preset in presets]
         print("\n| preset | off train s | full train s | off process s | full process s | speed full/off "
               "(median, range) | process full/off | W&B fixed cost s |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -115,3 +115,34 @@ def test_bench_growth_command_measures_memory_per_process_and_writes_the_plot(tm
     if "plot not written" in done.stdout:
         pytest.skip(done.stdout.split("plot not written: ")[1].splitlines()[0])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_bench_train_runs_every_variant_for_two_steps_and_prints_ratios():
+    # The acceptance's smoke run: 2 steps per variant (one warm-up round, one timed), tiny preset.
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--presets", "tiny", "--rounds", "1",
+           "--steps", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row[1]: row for row in markdown_rows(done.stdout, "| preset | variant |")}
+    expected = ["plain", "accelerate", "mmtrain-off", "mmtrain-full"]
+    assert list(rows)[:4] == expected and set(rows) <= {*expected, "lightning"}
+    assert rows["plain"][6:9] == ["1.000", "1.000", "1.000"]  # the ratios are to the plain loop
+    for row in rows.values():
+        samples_s, ms = float(row[2]), float(row[3])
+        assert samples_s > 0 and samples_s * ms / 1000 == pytest.approx(16, rel=0.02)  # tiny: batch 16
+        assert float(row[6]) == pytest.approx(samples_s / float(rows["plain"][2]), abs=0.002)
+
+
+@pytest.mark.slow
+def test_telemetry_overhead_whole_runs_print_the_paired_ratio():
+    cmd = [sys.executable, str(REPO / "benchmarks" / "telemetry_overhead.py"), "--presets", "tiny", "--repeats", "1",
+           "--steps", "3", "--no-warmup"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = markdown_rows(done.stdout, "| preset | off train s |")
+    off_train, full_train = float(row[1]), float(row[2])
+    assert row[0] == "tiny" and off_train > 0 and full_train > 0
+    assert float(row[5].split()[0]) == pytest.approx(off_train / full_train, abs=0.002)  # one pair: its ratio
+    assert re.search(r"full telemetry speed vs off \(tiny, whole runs\): [\d.]+ +\((meets|BELOW) the 0.98 target\)",
+                     done.stdout)

@@ -12,13 +12,15 @@ user would, one run per arm, the order flipped every repeat:
   ``image_log_frequency`` steps and the caption table, W&B offline (its service process running);
 * **off**: ``wandb.telemetry false``, W&B disabled, no media.
 
-Each run trains ``--steps`` optimizer steps (``train.max_steps``), validates, checkpoints, exports and
-exits. Per run: its own ``train_time_seconds`` (summary.json: from the first step to the export, the
-loop, validation and checkpoints included) and its process wall time from the outside (imports,
-set-up, W&B's start-up and finish included). Reported per arm: medians; the headline is the median
-over repeats of the paired speed ratio ``off train time / full train time`` (1.00 = free; the issue's
-target: >= 0.98), with the fixed per-run cost of W&B (start-up and finish: wall minus train time,
-full minus off) in seconds. Pairs are taken back to back, so slow drifts of a shared machine cancel.
+Each run trains ``--steps`` optimizer steps (``train.max_steps``; by default 150 or the first epoch less
+one step, so that no epoch end, with its validation pass and checkpoint, falls inside the run),
+validates, checkpoints, exports and exits. Per run: its own ``train_time_seconds`` (summary.json: from
+the first step to the export; the loop, the final validation and checkpoint included) and its process
+wall time from the outside (imports, set-up, W&B's start-up and finish included). Reported per arm:
+medians; the headline is the median over repeats of the paired speed ratio ``off train time / full train
+time`` (1.00 = free; the issue's target: >= 0.98), with the fixed per-run cost of W&B (start-up and
+finish: wall minus train time, full minus off) in seconds. Pairs are taken back to back, so slow drifts
+of a shared machine cancel.
 
 **Interleaved (``--interleaved``)**: two trainers built side by side in this process train in
 alternating blocks of ``--steps`` optimizer steps (default 10 = one log window, so every "on" block
@@ -128,6 +130,13 @@ ARMS = {
 }
 
 
+def first_epoch_steps(preset: str) -> int:
+    """Optimizer steps in one epoch of the preset on one process."""
+    cfg = load_config(REPO / "configs" / f"{preset}.yaml")
+    batches = -(-cfg.data.synthetic_train_size // cfg.train.batch_size)
+    return max(2, batches // cfg.train.gradient_accumulation_steps)
+
+
 def whole_run(preset: str, arm: str, steps: int, tmp: Path) -> tuple[float, float]:
     """One ``mmtrain train`` process: (its summary's train_time_seconds, its wall time from the outside)."""
     out = tmp / f"{arm}-{time.monotonic_ns()}"
@@ -183,9 +192,12 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'cuda' if torch.cuda.is_available() else 'cpu'}", flush=True)
     if not args.interleaved:
-        steps = args.steps or 150
-        print(f"whole runs: {args.repeats} pairs of `mmtrain train` processes x {steps} steps", flush=True)
-        results = [measure_whole(preset, args.repeats, steps, not args.no_warmup) for preset in presets]
+        results = []
+        for preset in presets:
+            steps = args.steps or min(150, first_epoch_steps(preset) - 1)
+            print(f"whole runs: {args.repeats} pairs of `mmtrain train` processes x {steps} steps ({preset})",
+                  flush=True)
+            results.append(measure_whole(preset, args.repeats, steps, not args.no_warmup))
         print("\n| preset | off train s | full train s | off process s | full process s | speed full/off "
               "(median, range) | process full/off | W&B fixed cost s |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")

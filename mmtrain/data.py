@@ -304,11 +304,20 @@ def auto_num_workers(device_type: str, cores: int, processes: int) -> int:
 
 
 def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask: taskset, cgroups cpusets, SLURM's binding)."""
+    """CPU cores this process may run on: its affinity mask (taskset, cgroups cpusets, SLURM's binding),
+    capped by a cgroup v2 CPU quota (``cpu.max``: Docker ``--cpus``, Kubernetes limits), which the mask
+    does not show."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows have no affinity call
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def local_processes(world_size: int) -> int:

@@ -60,16 +60,23 @@ def decoder_version() -> str:
 
     from mmtrain import data, images
 
-    parts = [inspect.getsource(images), inspect.getsource(data.pixel_transform), inspect.getsource(_decode_pixels),
-             PIL.__version__, torch.__version__, torchvision.__version__, np.__version__]
+    try:
+        sources = [inspect.getsource(images), inspect.getsource(data.pixel_transform),
+                   inspect.getsource(_decode_pixels)]
+    except OSError:  # installed without its .py files: the package version stands for the code
+        from importlib.metadata import version
+
+        sources = [version("mmtrain")]
+    parts = [*sources, PIL.__version__, torch.__version__, torchvision.__version__, np.__version__]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 def _decode_pixels(images: list[Any], image_size: int, image_channels: int, image_background: str,
-                   decoder: str) -> dict[str, np.ndarray]:
+                   decoder: str, files: str) -> dict[str, np.ndarray]:
     """One ``datasets.map`` batch: undecoded images -> ``pixel_values`` (N, C*S*S) float32, each row the
     flattened tensor of :func:`mmtrain.data.pixel_transform`. Module-level so that datasets hashes it by
-    name; ``decoder`` (:func:`decoder_version`) only enters the fingerprint."""
+    name; ``decoder`` (:func:`decoder_version`) and ``files`` (:func:`files_digest`) only enter the
+    fingerprint."""
     from mmtrain.data import pixel_transform
 
     to_tensor = pixel_transform(image_size, image_channels, image_background)
@@ -89,15 +96,48 @@ def decode_once(ds: Any, model: ModelConfig, split: str) -> Any:
 
     from mmtrain.data import undecoded
 
+    source = undecoded(ds)
     flat = model.image_channels * model.image_size**2
     features = datasets.Features({"pixel_values": datasets.List(datasets.Value("float32"), length=flat),
                                   "caption": datasets.Value("string")})
-    return undecoded(ds).map(
+    return source.map(
         _decode_pixels, batched=True, batch_size=256, input_columns="image", remove_columns=["image"],
         features=features, desc=f"decoding {split} images once (data.decode_cache)",
         num_proc=min(os.cpu_count() or 1, 8) if len(ds) >= PARALLEL_DECODE_ROWS else None,
         fn_kwargs={"image_size": model.image_size, "image_channels": model.image_channels,
-                   "image_background": model.image_background, "decoder": decoder_version()})
+                   "image_background": model.image_background, "decoder": decoder_version(),
+                   "files": files_digest(source)})
+
+
+def files_digest(ds: Any) -> str:
+    """A hash of the identity of every image file that ``ds`` (image column undecoded) refers to by path
+    only: path, size, modification and change times in ns, inode. Rows holding their bytes (hub datasets,
+    ``save_to_disk``) are covered by ``datasets``' own fingerprint; an image folder's fingerprint only
+    tracks paths and mtimes, so a file replaced with its mtime kept (``cp -p``, ``rsync -a``, ``tar x``)
+    would otherwise reuse stale pixels. The change time cannot be set back. A file that is gone hashes as
+    such (the map then fails on it as the on-the-fly path would)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    digest = hashlib.sha256()
+    for table in ds.select_columns(["image"]).with_format("arrow").iter(batch_size=8192):
+        column = table.column("image")
+        if pa.types.is_struct(column.type):
+            paths = pc.struct_field(column, "path").to_pylist()
+            path_only = pc.is_null(pc.struct_field(column, "bytes")).to_pylist()
+        elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            paths = column.to_pylist()
+            path_only = [True] * len(paths)
+        else:
+            return ""
+        for path, by_path in zip(paths, path_only, strict=True):
+            if by_path and path:
+                try:
+                    st = os.stat(path)
+                    digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())
+                except OSError:
+                    digest.update(f"{path}\0missing\n".encode())
+    return digest.hexdigest()[:16]
 
 
 class DecodedSamples(TorchDataset):

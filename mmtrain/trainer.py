@@ -257,7 +257,8 @@ class Trainer:
         if val["val/total_loss"] < state.best_val_loss:
             state.best_val_loss, state.best_val_epoch = val["val/total_loss"], epoch + 1
         self.loggers.log(record, step=state.optimizer_step)
-        self.media.captions(state.optimizer_step)
+        with self.telemetry.windows.paused():  # greedy captions of the media samples: not step time either
+            self.media.captions(state.optimizer_step)
 
     def save_checkpoint(self) -> Path:
         """Collective: the checkpoint of this step (once). The guard's events and every logged line

@@ -3,6 +3,7 @@ benchmark that measures them (benchmarks/bench_data.py). Speed itself is measure
 asserted here: these tests check the choices and that the fast path yields exactly the slow path's data."""
 
 import dataclasses
+import os
 import sys
 
 import pytest
@@ -149,3 +150,32 @@ def test_bench_data_smoke():
     assert "| loader: 0 worker(s), decode cache |" in report
     rows = [line for line in report.splitlines() if line.startswith("| loader:")]
     assert len(rows) == 2 and all(float(line.split("|")[4]) > 0 for line in rows)
+
+
+def test_an_image_replaced_with_its_mtime_kept_is_decoded_again(tmp_path):
+    # An image folder's datasets fingerprint tracks paths and mtimes only: `cp -p` of another picture
+    # over a file must still give its new pixels, as the on-the-fly path does.
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, shade in enumerate((30, 200, 90, 140)):
+        Image.new("L", (40, 40), shade).save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text("".join(f'{{"file_name": "{i}.png", "caption": "picture {i}"}}\n'
+                                                   for i in range(4)))
+    cfg = build_config({"data": {"source": "imagefolder", "path": str(folder), "val_fraction": 0.25},
+                        "model": {"image_size": 32, "image_channels": 1}})
+
+    def cached_and_fresh():
+        train = load_splits(cfg.data, cfg.model).train
+        cached = decode_once(train, cfg.model, "train")
+        fresh = pixel_transform(32, 1, cfg.model.image_background)
+        return [(torch.tensor(cached[r]["pixel_values"]).view(1, 32, 32), fresh(undecoded(train)[r]["image"]))
+                for r in range(len(train))]
+
+    assert all(torch.equal(a, b) for a, b in cached_and_fresh())
+    target = folder / "1.png"
+    stat = target.stat()
+    Image.new("L", (40, 40), 250).save(target)  # new content, same size (a flat PNG) ...
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ... and the old mtime, as cp -p leaves it
+    assert all(torch.equal(a, b) for a, b in cached_and_fresh())

@@ -137,14 +137,14 @@ def first_epoch_steps(preset: str) -> int:
     return max(2, batches // cfg.train.gradient_accumulation_steps)
 
 
-def whole_run(preset: str, arm: str, steps: int, tmp: Path) -> tuple[float, float]:
+def whole_run(preset: str, arm: str, steps: int, tmp: Path, *extra: str) -> tuple[float, float]:
     """One ``mmtrain train`` process: (its summary's train_time_seconds, its wall time from the outside)."""
     out = tmp / f"{arm}-{time.monotonic_ns()}"
     env = {**os.environ, "WANDB_DIR": str(tmp / "wandb"), "WANDB_SILENT": "true"}
     env.pop("WANDB_MODE", None)
     cmd = [sys.executable, "-m", "mmtrain", "train", "--config", str(REPO / "configs" / f"{preset}.yaml"),
            "--train.output_dir", str(out), "--train.max_steps", str(steps), "--train.progress_bar", "false",
-           *ARMS[arm]]
+           *ARMS[arm], *extra]
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -157,7 +157,7 @@ def measure_whole(preset: str, repeats: int, steps: int, warmup: bool = True) ->
     with tempfile.TemporaryDirectory(prefix=f"mmtrain-overhead-{preset}-") as tmp_name:
         tmp = Path(tmp_name)
         for arm in ARMS if warmup else ():  # warm-up: the data caches, the page cache, wandb's first start
-            whole_run(preset, arm, 2, tmp)
+            whole_run(preset, arm, 2, tmp, "--optim.warmup_steps", "0")
         runs: dict[str, list[tuple[float, float]]] = {arm: [] for arm in ARMS}
         for r in range(repeats):
             for arm in ("off", "full") if r % 2 == 0 else ("full", "off"):

@@ -302,6 +302,11 @@ class WandbConfig:
     log_frequency: int = _f(10, "Log the training window every this many optimizer steps.")
     telemetry: bool = _f(True, "Per-window latent/image/caption/gradient/hardware metrics; false logs nothing "
                                "per step (validation and the summary remain).")
+    system_metrics: Literal["auto", "true", "false"] = _f(
+        "auto", "W&B's own system monitor (its System charts: a wandb-core sampler process). auto: on when a GPU is "
+        "present, off on CPU-only machines, where it competes with the training threads for the cores (it cost "
+        "12-20% of a laptop-preset step on 2 cores; benchmarks/BENCHMARKS.md). mmtrain's per-rank hardware metrics "
+        "(hw/*) are logged either way.")
     image_log_frequency: int = _f(100, "Log the reconstruction grid every this many optimizer steps (0 = never).")
     media_samples: int = _f(8, "Validation images in the reconstruction grid and the caption table (0 = no media).")
     init_timeout: float = _f(30.0, "Seconds to wait for wandb.init before falling back to offline.")

@@ -310,3 +310,17 @@ def test_online_report_line_is_the_url():
     assert logger.report_lines() == ["W&B run:    https://wandb.ai/e/p/runs/abc"]
     logger.url = None
     assert logger.report_lines() == ["W&B run:    out/wandb/run-x-abc"]
+
+
+@pytest.mark.parametrize("setting", ["false", "true", "auto"])
+def test_the_wandb_system_monitor_follows_wandb_system_metrics(tmp_path, setting):
+    # Off on a CPU-only machine under auto: W&B's sampler process took 12-20% of a 2-core laptop step.
+    import torch
+
+    logger = WandbLogger(tmp_path, WandbConfig(mode="offline", system_metrics=setting))
+    logger.open({"x": 1}, None)
+    try:
+        runs_monitor = {"true": True, "false": False, "auto": torch.cuda.is_available()}[setting]
+        assert logger._run.settings.x_disable_stats is (not runs_monitor)
+    finally:
+        logger.close()

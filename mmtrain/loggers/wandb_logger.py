@@ -61,6 +61,17 @@ def resolve_mode(requested: str) -> str:
     return requested
 
 
+def system_metrics(setting: str) -> bool:
+    """Whether W&B's own system monitor runs (``wandb.system_metrics``: auto, true, false). auto: only with a
+    GPU. On a CPU-only machine its sampler process takes cores from the training step's threads
+    (benchmarks/BENCHMARKS.md, "Telemetry overhead"); mmtrain's hw/* metrics cover every rank regardless."""
+    if setting != "auto":
+        return setting == "true"
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class _NoAnswer(Exception):
     """A W&B call did not return within its time bound."""
 
@@ -174,7 +185,8 @@ class WandbLogger(BaseLogger):
                 project=None if agent else cfg.project, entity=None if agent else cfg.entity, name=cfg.name,
                 group=cfg.group, tags=cfg.tags or None, config=run_config, dir=str(self.output_dir), mode=mode,
                 id=None if agent else run_id, resume="allow" if run_id else None,
-                settings=wandb.Settings(init_timeout=cfg.init_timeout, silent=True, console="off"),
+                settings=wandb.Settings(init_timeout=cfg.init_timeout, silent=True, console="off",
+                                        x_disable_stats=not system_metrics(cfg.system_metrics)),
             )
 
         timeout = cfg.init_timeout + self.init_grace_s

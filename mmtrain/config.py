@@ -219,8 +219,9 @@ class TrainConfig:
         "runs as bf16 with a warning.")
     compile: Literal["none", "false", "default", "reduce-overhead", "max-autotune"] = _f(
         "none", "torch.compile the model (inductor, through Accelerate's TorchDynamoPlugin) in this mode; "
-        "none/false: eager. Off by default: on the 2-core CPU a cold compile took 3-5 minutes and steps were no faster "
-        "(benchmarks/BENCHMARKS.md, Speed levers); GPU figure pending. CPU needs a C++ compiler.")
+        "none/false: eager. Off by default: on the 2-core CPU a cold compile took 3-5 minutes for a ~3% faster step, "
+        "paid back after ~750 steps even from a warm cache (benchmarks/BENCHMARKS.md, Summary); GPU figure pending. "
+        "CPU needs a C++ compiler.")
     channels_last: Literal["auto", "true", "false"] = _f(
         "auto", "Conv weights and images in channels_last (NHWC) memory format. auto: on for CUDA with bf16/fp16 "
         "(cuDNN's tensor-core convolutions are NHWC-native), off on CPU (no gain measured there) and under FSDP.")

@@ -219,9 +219,9 @@ class TrainConfig:
         "runs as bf16 with a warning.")
     compile: Literal["none", "false", "default", "reduce-overhead", "max-autotune"] = _f(
         "none", "torch.compile the model (inductor, through Accelerate's TorchDynamoPlugin) in this mode; "
-        "none/false: eager. Off by default: on the 2-core CPU a cold compile took 3-5 minutes for a ~3% faster step, "
-        "paid back after ~750 steps even from a warm cache (benchmarks/BENCHMARKS.md, Summary); GPU figure pending. "
-        "CPU needs a C++ compiler.")
+        "none/false: eager. Off by default: on the 2-core CPU a cold compile took 3-5 minutes for a step "
+        "~3 percent faster, paid back after ~750 steps even from a warm cache (benchmarks/BENCHMARKS.md, "
+        "Summary); GPU figure pending. CPU needs a C++ compiler.")
     channels_last: Literal["auto", "true", "false"] = _f(
         "auto", "Conv weights and images in channels_last (NHWC) memory format. auto: on for CUDA with bf16/fp16 "
         "(cuDNN's tensor-core convolutions are NHWC-native), off on CPU (no gain measured there) and under FSDP.")
@@ -306,8 +306,8 @@ class WandbConfig:
     system_metrics: Literal["auto", "true", "false"] = _f(
         "auto", "W&B's own system monitor (its System charts: a wandb-core sampler process). auto: on when a GPU is "
         "present, off on CPU-only machines, where it competes with the training threads for the cores (it cost "
-        "12-20% of a laptop-preset step on 2 cores; benchmarks/BENCHMARKS.md). mmtrain's per-rank hardware metrics "
-        "(hw/*) are logged either way.")
+        "12-20 percent of a laptop-preset step on 2 cores; benchmarks/BENCHMARKS.md). mmtrain's per-rank hardware "
+        "metrics (hw/*) are logged either way.")
     image_log_frequency: int = _f(100, "Log the reconstruction grid every this many optimizer steps (0 = never).")
     media_samples: int = _f(8, "Validation images in the reconstruction grid and the caption table (0 = no media).")
     init_timeout: float = _f(30.0, "Seconds to wait for wandb.init before falling back to offline.")

@@ -143,6 +143,7 @@ def test_telemetry_overhead_whole_runs_print_the_paired_ratio():
     (row,) = markdown_rows(done.stdout, "| preset | off train s |")
     off_train, full_train = float(row[1]), float(row[2])
     assert row[0] == "tiny" and off_train > 0 and full_train > 0
-    assert float(row[5].split()[0]) == pytest.approx(off_train / full_train, abs=0.002)  # one pair: its ratio
+    # One pair: its ratio (of the unrounded times; the table shows them to 0.01 s).
+    assert float(row[5].split()[0]) == pytest.approx(off_train / full_train, abs=0.002 + 0.01 / full_train)
     assert re.search(r"full telemetry speed vs off \(tiny, whole runs\): [\d.]+ +\((meets|BELOW) the 0.98 target\)",
                      done.stdout)

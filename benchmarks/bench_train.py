@@ -75,8 +75,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mmtrain.config import Config, load_config  # noqa: E402
-from mmtrain.data import load_splits, loader_settings, make_transform, undecoded  # noqa: E402
+from mmtrain.data import load_splits, make_transform, undecoded  # noqa: E402
 from mmtrain.decoded import DecodedSamples, decode_once  # noqa: E402
+from mmtrain.loader_settings import loader_settings  # noqa: E402
 from mmtrain.model import build_model  # noqa: E402
 from mmtrain.optim import parameter_groups  # noqa: E402
 from mmtrain.tokenizer import build_tokenizer  # noqa: E402

@@ -13,17 +13,10 @@ from conftest import REPO, TINY, reset_accelerate, tiny_config
 from mmtrain import decoded as decoded_module
 from mmtrain.cli import main
 from mmtrain.config import DataConfig, build_config
-from mmtrain.data import (
-    auto_num_workers,
-    build_dataloader,
-    load_splits,
-    loader_settings,
-    pixel_transform,
-    undecoded,
-    usable_cores,
-)
+from mmtrain.data import build_dataloader, load_splits, pixel_transform, undecoded
 from mmtrain.decoded import DECODE_CACHE_AUTO_BYTES, decode_once, decoded_bytes, wants_decode_cache
 from mmtrain.errors import ConfigError
+from mmtrain.loader_settings import auto_num_workers, loader_settings, usable_cores
 from mmtrain.tokenizer import build_tokenizer
 from mmtrain.trainer import Trainer
 

@@ -1,7 +1,7 @@
 """The training loop on Accelerate: ``Trainer.fit`` and ``train_epoch``, read top to bottom, are the
 whole run; every other concern is a component built in ``__init__`` (telemetry, evaluator, guard,
-loggers, checkpoint manager, media). One optimizer step: ``model(batch)`` -> ``backward`` inside
-``accumulate`` -> telemetry adds the micro-batch on device -> on the sync micro-batch
+loggers, checkpoint manager, media). One optimizer step, inside ``accumulate``: ``model(batch)`` ->
+telemetry adds the micro-batch on device -> ``backward`` -> on the sync micro-batch
 ``clip_grad_norm_`` -> the non-finite guard (on device) -> optimizer and scheduler step -> on a log
 step only, one gather and one host copy for the loggers -> the ranks agree on stop/save (host only).
 
@@ -180,8 +180,10 @@ class Trainer:
             loss_scale = accum / min(accum, epoch_batches - window_start)
             with acc.accumulate(model):
                 losses, outputs = model(batch)
-                acc.backward(losses["total_loss"] * loss_scale if loss_scale != 1 else losses["total_loss"])
+                # Before backward: the forward's outputs are still in cache (0.5 against 0.85 ms per
+                # laptop step for the same statistics read after backward has streamed the gradients).
                 telemetry.on_micro_batch(batch, losses, outputs)
+                acc.backward(losses["total_loss"] * loss_scale if loss_scale != 1 else losses["total_loss"])
                 self.guard.add_loss(losses["total_loss"])
                 state.samples_seen += batch["pixel_values"].shape[0] * acc.num_processes  # even_batches: same on all
                 if acc.sync_gradients:

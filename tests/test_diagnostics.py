@@ -171,6 +171,28 @@ def test_gpu_memory_high_or_low_and_no_gpu_no_finding():
     assert fired(cpu_only) == {}
 
 
+@pytest.mark.parametrize("inclusive", [True, False])
+def test_rolling_median_matches_numpy_nanmedian(inclusive):
+    """The rules' sort-based rolling median against the naive one, window by window: np.nanmedian
+    (NaN skipped, ±inf kept as values, an all-NaN window NaN) and the count of finite values."""
+    from mmtrain.diagnostics.rules import _rolling_median
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        values = rng.normal(size=int(rng.integers(0, 40)))
+        for special in (np.nan, np.inf, -np.inf):
+            values[rng.random(values.size) < 0.15] = special
+        for window in (1, 2, 5, 10):
+            medians, counts = _rolling_median(values, window, inclusive)
+            for i in range(values.size):
+                seen = values[max(0, i - window + 1):i + 1] if inclusive else values[max(0, i - window):i]
+                kept = seen[~np.isnan(seen)]
+                with np.errstate(invalid="ignore"):  # -inf and +inf as the middle pair: NaN
+                    expected = float(np.median(kept)) if kept.size else math.nan
+                assert counts[i] == np.isfinite(seen).sum()
+                assert (math.isnan(medians[i]) and math.isnan(expected)) or medians[i] == expected
+
+
 def test_data_wait_and_straggler_use_the_rolling_median():
     wait = [0.02] * 10 + [0.3] * 30
     # The median of the last 20 records passes 10% once half of them are 0.3 (index 19: (0.02 + 0.3) / 2).

@@ -6,6 +6,7 @@ TensorBoard output is read back with TensorBoard's own ``EventAccumulator``.
 """
 
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -146,6 +147,14 @@ def test_media_go_only_to_sinks_that_take_them(tmp_path):
     saved = json.loads((tmp_path / ref["path"]).read_text())
     assert saved["columns"] == ["image", "text"] and saved["data"][0][1] == "a caption"
     assert np.array_equal(np.asarray(PILImage.open(tmp_path / saved["data"][0][0]["path"])), grey.array)
+
+
+def test_an_image_is_encoded_to_png_once_losslessly_for_every_sink(tmp_path):
+    grid = image(seed=3)
+    png = grid.png()
+    assert grid.png() is png  # cached: the jsonl and W&B sinks share one encoding
+    assert np.array_equal(np.asarray(PILImage.open(io.BytesIO(png))), grid.array)
+    assert grid == Image(grid.array, grid.caption)  # the cache is not part of the value
 
 
 @pytest.mark.parametrize("method", ["open", "log", "summary", "flush"])

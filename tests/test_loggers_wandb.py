@@ -13,6 +13,7 @@ import pty
 import select
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -255,7 +256,9 @@ def test_offline_run_records_every_step_media_and_epoch_axis(tmp_path, monkeypat
     loggers.open({"train": {"epochs": 1}})
     grid = Image(np.full((4, 6, 3), 200, np.uint8), caption="grid")
     loggers.log({"total_loss": 1.0, "media/reconstructions": grid}, 1)
+    before = set(Path(tempfile.gettempdir()).glob("mmtrain-wandb-media-*"))
     loggers.log({"media/captions": Table(["image", "text"], [[Image(np.zeros((4, 4), np.uint8)), "a"]])}, 1)
+    assert set(Path(tempfile.gettempdir()).glob("mmtrain-wandb-media-*")) <= before  # the PNGs' folder is gone
     loggers.log({"total_loss": 0.5}, 2)
     loggers.summary({"status": "finished"})
     loggers.close()

@@ -10,9 +10,10 @@ pulls in wandb, tensorboard, torch or accelerate (their sinks import them when t
 """
 
 import contextlib
+import io
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,21 @@ class Image:
 
     array: np.ndarray
     caption: str | None = None
+    _png: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
+    def png(self) -> bytes:
+        """The image as PNG bytes, encoded once and shared by the sinks that write files (jsonl, W&B).
+
+        zlib level 1, not PIL's default 6: a laptop reconstruction grid encodes in a fraction of the
+        ~25 ms level 6 takes, for slightly larger files (benchmarks/BENCHMARKS.md). Lossless either way.
+        """
+        if self._png is None:
+            from PIL import Image as PILImage  # only a run that logs media needs PIL
+
+            buffer = io.BytesIO()
+            PILImage.fromarray(self.array).save(buffer, format="PNG", compress_level=1)
+            self._png = buffer.getvalue()
+        return self._png
 
 
 @dataclass

@@ -55,14 +55,12 @@ class JsonlLogger(BaseLogger):
     def _save_media(self, key: str, value: Image | Table, step: int, index: int | None = None) -> dict[str, Any]:
         """Write an Image as PNG (a Table as JSON with its images as PNGs) under media/; return the
         reference that metrics.jsonl holds in its place."""
-        from PIL import Image as PILImage  # only a run that logs media needs PIL
-
         folder = self.output_dir / "media" / _slug(key.removeprefix("media/"))
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"step_{step:08d}" + (f"_{index:03d}" if index is not None else "")
         if isinstance(value, Image):
             path = folder / f"{stem}.png"
-            PILImage.fromarray(value.array).save(path)
+            path.write_bytes(value.png())
             return {"_type": "image-file", "path": str(path.relative_to(self.output_dir)), "caption": value.caption}
         rows = [[self._save_media(f"{key}/images", c, step, i * len(value.columns) + j) if isinstance(c, Image)
                  else c for j, c in enumerate(row)] for i, row in enumerate(value.rows)]

@@ -7,9 +7,11 @@ record regardless. The mode rules (``wandb.mode`` against ``WANDB_MODE`` and the
 """
 
 import contextlib
+import itertools
 import netrc
 import os
 import re
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,7 +21,7 @@ from urllib.parse import urlparse
 
 from mmtrain.config import WandbConfig
 from mmtrain.errors import shell_word
-from mmtrain.loggers.base import BaseLogger, Image, Table, _describe
+from mmtrain.loggers.base import BaseLogger, Image, Table, _describe, is_media
 
 
 def has_wandb_credentials() -> bool:
@@ -240,12 +242,21 @@ class WandbLogger(BaseLogger):
             self._drop_wandb("define_metric", e)
 
     @staticmethod
-    def _to_wandb(record: dict[str, Any]) -> dict[str, Any]:
+    def _to_wandb(record: dict[str, Any], folder: Path | None) -> dict[str, Any]:
+        """``record`` with its media as wandb objects. With a ``folder``, each image goes to wandb as
+        a PNG file written there from :meth:`Image.png` (the bytes the jsonl sink writes): wandb copies
+        the file into the run, where from an array it would encode the image again, at zlib level 6."""
         import wandb
+
+        names = itertools.count()
 
         def convert(value: Any) -> Any:
             if isinstance(value, Image):
-                return wandb.Image(value.array, caption=value.caption)
+                if folder is None:
+                    return wandb.Image(value.array, caption=value.caption)
+                path = folder / f"{next(names)}.png"
+                path.write_bytes(value.png())
+                return wandb.Image(str(path), caption=value.caption)
             if isinstance(value, Table):
                 return wandb.Table(columns=value.columns, data=[[convert(c) for c in row] for row in value.rows])
             return value
@@ -258,7 +269,13 @@ class WandbLogger(BaseLogger):
         # Not bounded by a thread: run.log only hands the record to wandb's local service process,
         # so it fails fast rather than hangs, and a thread per step would cost more than it guards.
         try:
-            self._run.log(self._to_wandb(record), step=step)
+            # run.log copies media files into the run before it returns, so the PNGs can go with the
+            # folder; a run that symlinks media (allow_media_symlink) gets arrays instead.
+            if any(is_media(v) for v in record.values()) and not self._run.settings.allow_media_symlink:
+                with tempfile.TemporaryDirectory(prefix="mmtrain-wandb-media-") as folder:
+                    self._run.log(self._to_wandb(record, Path(folder)), step=step)
+            else:
+                self._run.log(self._to_wandb(record, None), step=step)
         except Exception as e:
             self._drop_wandb("log", e)
 

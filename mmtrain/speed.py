@@ -8,11 +8,17 @@
   touching the model's code or Accelerate: a forward pre-hook converts ``pixel_values`` on the way in.
 - cuDNN autotuning (:func:`enable_cudnn_benchmark`): every batch is ``image_size x image_size``, so the
   fastest convolution algorithm found for the first batch stays the fastest; CUDA only.
+- ``train.reuse_host_memory``: glibc's allocator keeps freed memory for the next step
+  (:func:`reuse_host_memory`). PyTorch has no caching allocator for CPU tensors: every activation and
+  gradient is a ``malloc``/``free``, and glibc's defaults return large blocks to the OS, so the next step
+  faults the same pages in again.
 
 The measured effect of each is in benchmarks/BENCHMARKS.md ("Speed levers", ``benchmarks/bench_levers.py``).
 """
 
+import ctypes
 import shutil
+import sys
 from typing import Any
 
 import torch
@@ -92,3 +98,34 @@ def enable_cudnn_benchmark(device: torch.device) -> bool:
         return False
     torch.backends.cudnn.benchmark = True
     return True
+
+
+# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit
+# (DEFAULT_MMAP_THRESHOLD_MAX: 4 * 1024 * 1024 * sizeof(long)).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_MAX = 32 << 20
+TRIM_THRESHOLD = 1 << 30
+
+
+def reuse_host_memory(enabled: bool) -> bool:
+    """Make glibc's malloc keep freed memory for reuse, process-wide; returns whether it did.
+
+    glibc serves blocks above its mmap threshold (128 KiB at start, raised dynamically up to 32 MiB)
+    with fresh ``mmap`` calls and trims the heap top above its trim threshold. A training step frees
+    its activations and gradients (PyTorch has no CPU caching allocator), so with the defaults each step
+    maps and faults in the same memory again: ~4,200 minor page faults and ~12.5 ms of kernel time per
+    laptop step on the 2-core CPU, against ~20 and ~0.5 ms with the mmap threshold at its 32 MiB maximum
+    and a 1 GiB trim threshold (benchmarks/BENCHMARKS.md, "Allocation churn"). It is PyTorch's CPU
+    tuning guide's advice (reuse memory: jemalloc, tcmalloc) with the allocator already loaded.
+    The cost: the process keeps its peak heap instead of shrinking after it. Linux with glibc only
+    (``gnu_get_libc_version`` present); elsewhere, or with ``enabled`` False, nothing changes."""
+    if not enabled or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 - musl has mallopt as a stub, and no gnu_get_libc_version
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

@@ -50,7 +50,7 @@ from mmtrain.run_dir import (
     run_config,
     run_summary,
 )
-from mmtrain.speed import apply_channels_last
+from mmtrain.speed import apply_channels_last, reuse_host_memory
 from mmtrain.telemetry import EPOCH_METRICS, Telemetry
 
 
@@ -63,6 +63,7 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
                                                                             mixed_precision=acc.mixed_precision))
         self.output_dir = Path(cfg.train.output_dir).expanduser()
+        self.reuses_host_memory = reuse_host_memory(cfg.train.reuse_host_memory)  # before the data is built
         self.state = TrainState()
         set_seed(cfg.train.seed)
         root = self.output_dir / "checkpoints"
@@ -127,7 +128,8 @@ class Trainer:
             "train_samples": len(self.data.train), "val_samples": len(self.data.val),
             "skipped_bad_samples": self.data.skipped, "vocab_size": self.model_config.vocab_size,
             "total_parameters": self.total_parameters, "steps_per_epoch": self.steps_per_epoch,
-            "total_optimizer_steps": self.total_steps, **self.data.loader.as_config()})
+            "total_optimizer_steps": self.total_steps, "host_memory_reuse": self.reuses_host_memory,
+            **self.data.loader.as_config()})
 
     # ------------------------------------------------------------------------------------ the run
 

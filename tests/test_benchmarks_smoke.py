@@ -147,3 +147,19 @@ def test_telemetry_overhead_whole_runs_print_the_paired_ratio():
     assert float(row[5].split()[0]) == pytest.approx(off_train / full_train, abs=0.002 + 0.01 / full_train)
     assert re.search(r"full telemetry speed vs off \(tiny, whole runs\): [\d.]+ +\((meets|BELOW) the 0.98 target\)",
                      done.stdout)
+
+
+@pytest.mark.slow
+def test_bench_host_memory_prints_both_arms_and_the_paired_ratio():
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_host_memory.py"), "--preset", "tiny", "--repeats", "1",
+           "--steps", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row[0]: row for row in markdown_rows(done.stdout, "| reuse_host_memory |")}
+    assert list(rows) == ["false", "true"]
+    for row in rows.values():
+        assert float(row[1]) > 0 and float(row[2]) > 0 and float(row[3]) > 0  # train s, faults, kernel ms per step
+    ratio = float(re.search(r"speed on/off \(median of 1 paired ratios\): ([\d.]+)", done.stdout).group(1))
+    # One pair: its ratio of the unrounded train times (the table shows them to 0.01 s).
+    off, on = float(rows["false"][1]), float(rows["true"][1])
+    assert ratio == pytest.approx(off / on, abs=0.002 + 0.01 / on)

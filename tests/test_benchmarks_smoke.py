@@ -29,6 +29,14 @@ def markdown_rows(text: str, header_start: str) -> list[list[str]]:
     return rows
 
 
+def run_benchmark(script: str, *args: str) -> str:
+    """Run ``benchmarks/<script>`` with ``args`` as a user would; its stdout (it must exit 0)."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def test_profile_step_prints_operators_and_a_breakdown_that_adds_up(capsys):
     assert profile_step.main(["--preset", "tiny", "--warmup", "1", "--steps", "2", "--top", "5"]) == 0
     out = capsys.readouterr().out
@@ -102,29 +110,24 @@ def test_bench_growth_refuses_more_steps_than_the_data_has(capsys):
 @pytest.mark.slow
 def test_bench_growth_command_measures_memory_per_process_and_writes_the_plot(tmp_path):
     """The whole command as a user runs it: one process per point for the peak RSS, and the PNG."""
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_growth.py"), "--preset", "tiny", "--batch-sizes", "8",
-           "16", "--image-sizes", "16", "32", "--rounds", "2", "--steps", "2", "--figure-dir", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = markdown_rows(done.stdout, "| axis |")
+    out = run_benchmark("bench_growth.py", "--preset", "tiny", "--batch-sizes", "8", "16", "--image-sizes", "16", "32",
+                        "--rounds", "2", "--steps", "2", "--figure-dir", str(tmp_path))
+    rows = markdown_rows(out, "| axis |")
     assert [(int(r[1]), int(r[2])) for r in rows] == [(8, 32), (16, 32), (16, 16), (16, 32)]
     rss = [float(r[7]) for r in rows]
     assert all(100 < mb < 20_000 for mb in rss)  # a real process's peak: torch alone is a few hundred MB
-    assert re.search(r"time/step ~ pixels\^-?[\d.]+", done.stdout)
+    assert re.search(r"time/step ~ pixels\^-?[\d.]+", out)
     png = tmp_path / "growth_tiny.png"
-    if "plot not written" in done.stdout:
-        pytest.skip(done.stdout.split("plot not written: ")[1].splitlines()[0])
+    if "plot not written" in out:
+        pytest.skip(out.split("plot not written: ")[1].splitlines()[0])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
 def test_bench_train_runs_every_variant_for_two_steps_and_prints_ratios():
     # The acceptance's smoke run: 2 steps per variant (one warm-up round, one timed), tiny preset.
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--presets", "tiny", "--rounds", "1",
-           "--steps", "2"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = {row[1]: row for row in markdown_rows(done.stdout, "| preset | variant |")}
+    out = run_benchmark("bench_train.py", "--presets", "tiny", "--rounds", "1", "--steps", "2")
+    rows = {row[1]: row for row in markdown_rows(out, "| preset | variant |")}
     expected = ["plain", "accelerate", "mmtrain-off", "mmtrain-full"]
     assert list(rows)[:4] == expected and set(rows) <= {*expected, "lightning"}
     assert rows["plain"][6:9] == ["1.000", "1.000", "1.000"]  # the ratios are to the plain loop
@@ -136,30 +139,24 @@ def test_bench_train_runs_every_variant_for_two_steps_and_prints_ratios():
 
 @pytest.mark.slow
 def test_telemetry_overhead_whole_runs_print_the_paired_ratio():
-    cmd = [sys.executable, str(REPO / "benchmarks" / "telemetry_overhead.py"), "--presets", "tiny", "--repeats", "1",
-           "--steps", "3", "--no-warmup"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (row,) = markdown_rows(done.stdout, "| preset | off train s |")
+    out = run_benchmark("telemetry_overhead.py", "--presets", "tiny", "--repeats", "1", "--steps", "3", "--no-warmup")
+    (row,) = markdown_rows(out, "| preset | off train s |")
     off_train, full_train = float(row[1]), float(row[2])
     assert row[0] == "tiny" and off_train > 0 and full_train > 0
     # One pair: its ratio (of the unrounded times; the table shows them to 0.01 s).
     assert float(row[5].split()[0]) == pytest.approx(off_train / full_train, abs=0.002 + 0.01 / full_train)
     assert re.search(r"full telemetry speed vs off \(tiny, whole runs\): [\d.]+ +\((meets|BELOW) the 0.98 target\)",
-                     done.stdout)
+                     out)
 
 
 @pytest.mark.slow
 def test_bench_host_memory_prints_both_arms_and_the_paired_ratio():
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_host_memory.py"), "--preset", "tiny", "--repeats", "1",
-           "--steps", "2"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = {row[0]: row for row in markdown_rows(done.stdout, "| reuse_host_memory |")}
+    out = run_benchmark("bench_host_memory.py", "--preset", "tiny", "--repeats", "1", "--steps", "2")
+    rows = {row[0]: row for row in markdown_rows(out, "| reuse_host_memory |")}
     assert list(rows) == ["false", "true"]
     for row in rows.values():
         assert float(row[1]) > 0 and float(row[2]) > 0 and float(row[3]) > 0  # train s, faults, kernel ms per step
-    ratio = float(re.search(r"speed on/off \(median of 1 paired ratios\): ([\d.]+)", done.stdout).group(1))
+    ratio = float(re.search(r"speed on/off \(median of 1 paired ratios\): ([\d.]+)", out).group(1))
     # One pair: its ratio of the unrounded train times (the table shows them to 0.01 s).
     off, on = float(rows["false"][1]), float(rows["true"][1])
     assert ratio == pytest.approx(off / on, abs=0.002 + 0.01 / on)

@@ -30,8 +30,8 @@ class Image:
     def png(self) -> bytes:
         """The image as PNG bytes, encoded once and shared by the sinks that write files (jsonl, W&B).
 
-        zlib level 1, not PIL's default 6: a laptop reconstruction grid encodes in a fraction of the
-        ~25 ms level 6 takes, for slightly larger files (benchmarks/BENCHMARKS.md). Lossless either way.
+        zlib level 1, not PIL's default 6: a laptop reconstruction grid (200 x 530 RGB) encodes in
+        about half the time, and its file is as small (99.4 against 99.8 KB). Lossless either way.
         """
         if self._png is None:
             from PIL import Image as PILImage  # only a run that logs media needs PIL

@@ -271,7 +271,8 @@ class WandbLogger(BaseLogger):
         try:
             # run.log copies media files into the run before it returns, so the PNGs can go with the
             # folder; a run that symlinks media (allow_media_symlink) gets arrays instead.
-            if any(is_media(v) for v in record.values()) and not self._run.settings.allow_media_symlink:
+            if any(is_media(v) for v in record.values()) and not getattr(self._run.settings, "allow_media_symlink",
+                                                                         False):
                 with tempfile.TemporaryDirectory(prefix="mmtrain-wandb-media-") as folder:
                     self._run.log(self._to_wandb(record, Path(folder)), step=step)
             else:

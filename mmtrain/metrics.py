@@ -94,8 +94,8 @@ GRAD_FIELDS = ("grad_abs_sum", "grad_sum", "grad_sq_sum", "grad_abs_max", "grad_
 def grad_stats(grads_by_module: dict[str, list[Tensor]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """``({GRAD_FIELDS name: 0-d tensor}, {module: squared L2 norm})`` of the given gradients, float64.
 
-    Per-tensor L1/L2 norms come from ``torch._foreach_norm`` (the kernel behind ``clip_grad_norm_``):
-    one fused call per statistic and module instead of Python-level reductions per parameter.
+    Per-tensor L2 norms come from ``torch._foreach_norm`` (the kernel behind ``clip_grad_norm_``) and
+    the absolute values from one ``torch._foreach_abs``: fused calls per module where they exist.
     """
     flat = [g for gs in grads_by_module.values() for g in gs]
     # Every tensor is created on the gradients' device: a host->device copy would be a sync.
@@ -106,13 +106,17 @@ def grad_stats(grads_by_module: dict[str, list[Tensor]]) -> tuple[dict[str, Tens
             per_module[name] = {k: torch.zeros((), **f64) for k in GRAD_FIELDS}
             continue
         grads = [g.detach() for g in grads]
-        l1, l2 = (torch.stack(torch._foreach_norm(grads, order)).double() for order in (1, 2))
-        # Per-tensor sums and extremes in the gradients' dtype (a float64 upcast per tensor costs
-        # 3x more on CPU); the cross-tensor totals are float64.
+        l2 = torch.stack(torch._foreach_norm(grads, 2)).double()
+        # L1 and the max from the absolute values: on CPU, _foreach_norm(ord=1) and aminmax cost
+        # 2x and 1.5x the sum and amax of one _foreach_abs (laptop model: 2.4 -> 1.7 ms per log step).
+        # Per-tensor reductions stay in the gradients' dtype (a float64 upcast per tensor costs 3x
+        # more on CPU); the cross-tensor totals are float64.
+        magnitudes = torch._foreach_abs(grads)
+        abs_sum, abs_max = (torch.stack(x).double() for x in zip(*((a.sum(), a.amax()) for a in magnitudes),
+                                                                      strict=True))
         signed = torch.stack([g.sum() for g in grads]).double()
-        lo, hi = (torch.stack(x).double() for x in zip(*(torch.aminmax(g) for g in grads), strict=True))
-        per_module[name] = {"grad_abs_sum": l1.sum(), "grad_sum": signed.sum(), "grad_sq_sum": l2.pow(2).sum(),
-                            "grad_abs_max": torch.maximum(lo.abs(), hi.abs()).amax(),
+        per_module[name] = {"grad_abs_sum": abs_sum.sum(), "grad_sum": signed.sum(), "grad_sq_sum": l2.pow(2).sum(),
+                            "grad_abs_max": abs_max.amax(),
                             "grad_elems": torch.full((), float(sum(g.numel() for g in grads)), **f64)}
     total = {}
     for k in GRAD_FIELDS:  # across modules: the max of maxima, the sum of everything else

@@ -311,6 +311,10 @@ class WandbConfig:
         "present, off on CPU-only machines, where it competes with the training threads for the cores (it cost "
         "12-20 percent of a laptop-preset step on 2 cores; benchmarks/BENCHMARKS.md). mmtrain's per-rank hardware "
         "metrics (hw/*) are logged either way.")
+    sample_metrics: Literal["log_steps", "every_step"] = _f(
+        "log_steps", "Micro-batches the latent/image/caption metrics of a training record pool. log_steps: those of "
+        "the log step (the epoch summary adds each epoch's last step); every_step: every sample of the window, "
+        "exactly (about 0.8 percent of a CPU laptop step; README, Metric glossary).")
     image_log_frequency: int = _f(100, "Log the reconstruction grid every this many optimizer steps (0 = never).")
     media_samples: int = _f(8, "Validation images in the reconstruction grid and the caption table (0 = no media).")
     init_timeout: float = _f(30.0, "Seconds to wait for wandb.init before falling back to offline.")

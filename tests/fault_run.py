@@ -137,13 +137,13 @@ if os.environ.get("MMTRAIN_SAMPLES"):
     samples_file = Path(os.environ["MMTRAIN_SAMPLES"], f"rank{RANK}-{os.getpid()}.jsonl")
     on_micro_batch = Telemetry.on_micro_batch
 
-    def record_samples(self, batch, losses, outputs):
+    def record_samples(self, batch, losses, outputs, *args, **kwargs):
         keys = [hashlib.sha256(pixels.cpu().numpy().tobytes() + ids.cpu().numpy().tobytes()).hexdigest()[:16]
                 for pixels, ids in zip(batch["pixel_values"], batch["input_ids"], strict=True)]
         state = trainer[0].state
         with samples_file.open("a") as f:  # a line per micro-batch, on disk before a kill can come
             f.write(json.dumps({"step": state.optimizer_step + 1, "epoch": state.epoch, "samples": keys}) + "\n")
-        return on_micro_batch(self, batch, losses, outputs)
+        return on_micro_batch(self, batch, losses, outputs, *args, **kwargs)
 
     Telemetry.on_micro_batch = record_samples
 

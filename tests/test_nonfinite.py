@@ -191,11 +191,11 @@ def _record_trained_samples(monkeypatch, seen: list, trainers: list) -> None:
     """Append (epoch, sample key) for every sample of every micro-batch whose backward ran."""
     record = Telemetry.on_micro_batch
 
-    def spy(self, batch, losses, outputs):
+    def spy(self, batch, losses, outputs, *args, **kwargs):
         epoch = trainers[-1].state.epoch
         for pixels, ids in zip(batch["pixel_values"], batch["input_ids"], strict=True):
             seen.append((epoch, hashlib.sha256(pixels.numpy().tobytes()).hexdigest(), tuple(ids.tolist())))
-        return record(self, batch, losses, outputs)
+        return record(self, batch, losses, outputs, *args, **kwargs)
 
     monkeypatch.setattr(Telemetry, "on_micro_batch", spy)
 

@@ -8,6 +8,7 @@ fail the test. The check can fail: a deliberate ``.item()`` in the step is caugh
 
 import traceback
 
+import pytest
 import torch
 from conftest import tiny_config
 
@@ -60,9 +61,10 @@ class SyncCounter:
         return wrapped
 
 
-def _run(tmp_path, monkeypatch, extra_step=None):
+def _run(tmp_path, monkeypatch, extra_step=None, sample_metrics="log_steps"):
     trainer = Trainer(tiny_config(tmp_path, **{"train.max_steps": 9, "wandb.log_frequency": 4,
-                                               "wandb.image_log_frequency": 4, "wandb.mode": "offline"}))
+                                               "wandb.image_log_frequency": 4, "wandb.mode": "offline",
+                                               "wandb.sample_metrics": sample_metrics}))
     counter = SyncCounter(monkeypatch)
     # The public points that read the host by design: the guard's read-out (log steps, before a
     # save), the log record, the epoch's validation, a checkpoint, the media of a media step.
@@ -74,17 +76,18 @@ def _run(tmp_path, monkeypatch, extra_step=None):
     if extra_step is not None:
         original = trainer.telemetry.on_micro_batch
 
-        def on_micro_batch(batch, losses, outputs):
+        def on_micro_batch(batch, losses, outputs, *args, **kwargs):
             extra_step(losses)
-            return original(batch, losses, outputs)
+            return original(batch, losses, outputs, *args, **kwargs)
 
         monkeypatch.setattr(trainer.telemetry, "on_micro_batch", on_micro_batch)
     trainer.fit()
     return counter
 
 
-def test_non_log_steps_do_not_sync(tmp_path, monkeypatch):
-    counter = _run(tmp_path, monkeypatch)
+@pytest.mark.parametrize("sample_metrics", ["log_steps", "every_step"])
+def test_non_log_steps_do_not_sync(tmp_path, monkeypatch, sample_metrics):
+    counter = _run(tmp_path, monkeypatch, sample_metrics=sample_metrics)
     assert not counter.violations, "\n\n".join(f"{n} at\n{where}" for n, where in counter.violations[:3])
 
 
@@ -99,10 +102,10 @@ def test_step_code_has_no_item_calls():
     import inspect
 
     from mmtrain.resilience import NonFiniteGuard
-    from mmtrain.telemetry import Telemetry, Window
+    from mmtrain.telemetry import Telemetry, Window, micro_batch_rows, step_row
 
     for fn in (Trainer.train_epoch, Trainer.skip_step_if_nonfinite, Telemetry.on_micro_batch,
-               Telemetry.on_optimizer_step, Telemetry.timed, Window.add_micro_batch, Window.add_optimizer_step,
-               NonFiniteGuard.add_loss, NonFiniteGuard.check_step):
+               Telemetry.on_optimizer_step, Telemetry.timed, Window.add_rows, Window.add_step_row,
+               micro_batch_rows, step_row, NonFiniteGuard.add_loss, NonFiniteGuard.check_step):
         source = inspect.getsource(fn)
         assert ".item()" not in source and ".tolist()" not in source, fn.__qualname__

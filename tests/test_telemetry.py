@@ -177,6 +177,50 @@ def test_single_process_run_logs_every_metric(tmp_path):
     assert table["data"][0][1].startswith("an engraving of")
 
 
+@pytest.mark.parametrize("mode", ["log_steps", "every_step"])
+def test_sample_metrics_pool_the_micro_batches_the_mode_names(tmp_path, monkeypatch, mode):
+    """wandb.sample_metrics: a record's latent/image/caption metrics are those of the log step's
+    micro-batches (log_steps; the epoch summary adds the epoch's last step) or of every micro-batch
+    of the window (every_step), checked against the rows of exactly those micro-batches."""
+    import mmtrain.telemetry as telemetry_module
+
+    # 6 batches of 16 per epoch, 2 per optimizer step: steps 1-3 and 4-6; log steps 2, 4, 6.
+    trainer = Trainer(tiny_config(tmp_path, **{"train.gradient_accumulation_steps": 2, "wandb.log_frequency": 2,
+                                               "wandb.mode": "disabled", "wandb.media_samples": 0,
+                                               "wandb.sample_metrics": mode}))
+    rows: list[tuple[int, tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def spy(*args):
+        out = sample_stats(*args)
+        rows.append((trainer.state.optimizer_step + 1, out))
+        return out
+
+    monkeypatch.setattr(telemetry_module, "sample_stats", spy)
+    trainer.fit()
+
+    def expected(steps):
+        picked = [r for step, r in rows if step in steps]
+        return summarize(dict(zip(SUM_FIELDS, sum(s.sum(0) for s, _ in picked).tolist(), strict=True)),
+                         dict(zip(MAX_FIELDS, torch.stack([m.amax(0) for _, m in picked]).amax(0).tolist(),
+                                  strict=True)))
+
+    every = mode == "every_step"
+    assert sorted({step for step, _ in rows}) == ([1, 2, 3, 4, 5, 6] if every else [2, 3, 4, 6])
+    assert len(rows) == (12 if every else 8)  # two micro-batches per step
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    windows = {r["optimizer_step"]: r for r in records if "latent_std" in r}
+    assert sorted(windows) == [2, 4, 6]
+    for step, record in windows.items():
+        want = expected({step - 1, step} if every else {step})
+        for name in ("latent_std", "latent_max", "image_mse", "image_diff_max", "caption_accuracy",
+                     "caption_entropy"):
+            assert record[name] == pytest.approx(want[name], rel=1e-9), (step, name)
+    epochs = [r for r in records if "latent_std_trend" in r]
+    assert len(epochs) == 2
+    for record, steps in zip(epochs, ({1, 2, 3}, {4, 5, 6}) if every else ({2, 3}, {4, 6}), strict=True):
+        assert record["latent_std_trend"] == pytest.approx(expected(steps)["latent_std"], rel=1e-9)
+
+
 # ------------------------------------------------------------------------- two real processes
 
 

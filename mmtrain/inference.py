@@ -176,7 +176,7 @@ def predict(model: MultimodalModel, tokenizer: object, paths: Sequence[Path], ou
         if not ok:
             continue
         images = torch.stack(tensors).to(device)
-        reconstruction = model.image_decoder(model.image_encoder(images)).float().clamp(0, 1)
+        reconstruction = model.reconstruct(images).float().clamp(0, 1)
         mse = (reconstruction - images).pow(2).flatten(1).mean(dim=1).tolist()
         ids = model.generate(images, tokenizer.bos_token_id, tokenizer.eos_token_id, max_length)
         captions = tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)

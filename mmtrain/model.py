@@ -350,6 +350,11 @@ class MultimodalModel(nn.Module, PyTorchModelHubMixin, library_name="mmtrain", t
                 break
         return ids
 
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) images -> their (B, C, H, W) reconstructions through the latent: ``forward``'s
+        ``reconstruction``, from the image path alone (no caption decoder, no loss)."""
+        return self.image_decoder(self.image_encoder(images))
+
     def embed_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Captions -> their embedding in the latent space (what the alignment loss compares)."""
         return self.alignment(self.caption_decoder.encode_text(input_ids), attention_mask)

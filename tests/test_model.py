@@ -59,6 +59,23 @@ def test_output_shapes_rgb():
     assert out["reconstruction"].shape == (B, 3, 32, 32)
 
 
+def test_reconstruct_is_the_forward_reconstruction(model):
+    batch = _batch()
+    with torch.no_grad():
+        assert torch.equal(model.reconstruct(batch["pixel_values"]), model(batch)[1]["reconstruction"])
+
+
+def test_reconstruction_grid_keeps_grey_images_single_channel():
+    from mmtrain.media import reconstruction_grid
+
+    images, recon = torch.rand(3, 1, 8, 8), torch.rand(3, 1, 8, 8)
+    grey = reconstruction_grid(images, recon)
+    rgb = reconstruction_grid(images.expand(-1, 3, -1, -1), recon.expand(-1, 3, -1, -1))
+    assert grey.shape == (3 * 10 + 2, 3 * 10 + 2) and rgb.shape == (*grey.shape, 3)
+    assert (rgb == grey[..., None]).all()  # the same pixels: grey repeated in R, G and B
+    assert grey[2:10, 2:10].tolist() == (images[0, 0] * 255).round().to(torch.uint8).tolist()
+
+
 def test_losses_are_finite_scalars_and_total_is_the_weighted_sum():
     torch.manual_seed(0)
     weights = {"image_loss_weight": 2.0, "caption_loss_weight": 0.7, "alignment_loss_weight": 0.3}

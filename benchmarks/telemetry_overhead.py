@@ -9,7 +9,8 @@
 user would, one run per arm, the order flipped every repeat:
 
 * **full**: every metric (``wandb.telemetry true``), ``log_frequency`` 10, the reconstruction grid every
-  ``image_log_frequency`` steps and the caption table, W&B offline (its service process running);
+  ``image_log_frequency`` steps and the caption table, W&B offline (its service process running), the
+  sample metrics on the log steps' micro-batches (``--sample-metrics every_step``: on every micro-batch);
 * **off**: ``wandb.telemetry false``, W&B disabled, no media.
 
 Each run trains ``--steps`` optimizer steps (``train.max_steps``; by default 150 or the first epoch less
@@ -55,7 +56,7 @@ from mmtrain.trainer import Trainer  # noqa: E402
 TARGET = 0.98  # issue 14: full telemetry >= 0.98 x the speed of telemetry off
 
 
-def build(preset: str, out: Path, telemetry: bool, log_frequency: int) -> Trainer:
+def build(preset: str, out: Path, telemetry: bool, log_frequency: int, sample_metrics: str = "log_steps") -> Trainer:
     overrides = {
         "train.output_dir": str(out),
         "train.progress_bar": False,
@@ -65,6 +66,7 @@ def build(preset: str, out: Path, telemetry: bool, log_frequency: int) -> Traine
         "wandb.log_frequency": log_frequency,
         "wandb.telemetry": telemetry,
         "wandb.mode": "offline" if telemetry else "disabled",
+        "wandb.sample_metrics": sample_metrics,
     }
     if not telemetry:
         overrides["wandb.media_samples"] = 0
@@ -97,9 +99,9 @@ def timed_block(trainer: Trainer, epoch: int, steps: int) -> tuple[float, float]
     return (time.perf_counter() - wall) / done, (_cpu_seconds() - cpu) / done
 
 
-def measure(preset: str, rounds: int, steps: int, log_frequency: int) -> dict:
+def measure(preset: str, rounds: int, steps: int, log_frequency: int, sample_metrics: str = "log_steps") -> dict:
     with tempfile.TemporaryDirectory(prefix=f"mmtrain-bench-{preset}-") as tmp:
-        arms = {"on": build(preset, Path(tmp) / "on", True, log_frequency),
+        arms = {"on": build(preset, Path(tmp) / "on", True, log_frequency, sample_metrics),
                 "off": build(preset, Path(tmp) / "off", False, log_frequency)}
         wall: dict[str, list[float]] = {"on": [], "off": []}
         cpu: dict[str, list[float]] = {"on": [], "off": []}
@@ -153,7 +155,8 @@ def whole_run(preset: str, arm: str, steps: int, tmp: Path, *extra: str) -> tupl
     return json.loads((out / "summary.json").read_text())["train_time_seconds"], wall
 
 
-def measure_whole(preset: str, repeats: int, steps: int, warmup: bool = True) -> dict:
+def measure_whole(preset: str, repeats: int, steps: int, warmup: bool = True,
+                  sample_metrics: str = "log_steps") -> dict:
     with tempfile.TemporaryDirectory(prefix=f"mmtrain-overhead-{preset}-") as tmp_name:
         tmp = Path(tmp_name)
         for arm in ARMS if warmup else ():  # warm-up: the data caches, the page cache, wandb's first start
@@ -161,7 +164,7 @@ def measure_whole(preset: str, repeats: int, steps: int, warmup: bool = True) ->
         runs: dict[str, list[tuple[float, float]]] = {arm: [] for arm in ARMS}
         for r in range(repeats):
             for arm in ("off", "full") if r % 2 == 0 else ("full", "off"):
-                runs[arm].append(whole_run(preset, arm, steps, tmp))
+                runs[arm].append(whole_run(preset, arm, steps, tmp, "--wandb.sample_metrics", sample_metrics))
                 train, wall = runs[arm][-1]
                 print(f"  repeat {r + 1}/{repeats} {arm:<4}: train {train:6.2f} s "
                       f"({1000 * train / steps:6.1f} ms/step), process {wall:6.2f} s", flush=True)
@@ -187,6 +190,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="whole runs: optimizer steps per run (default "
                         "150); --interleaved: per block (default 10; a multiple of the log frequency)")
     parser.add_argument("--log-frequency", type=int, default=10, help="--interleaved: the on arm's log frequency")
+    parser.add_argument("--sample-metrics", choices=["log_steps", "every_step"], default="log_steps",
+                        help="the full arm's wandb.sample_metrics (every_step: exact window statistics)")
     args = parser.parse_args()
     presets = args.presets or (["tiny", "laptop"] if args.interleaved else ["laptop"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -197,7 +202,7 @@ def main() -> int:
             steps = args.steps or min(150, first_epoch_steps(preset) - 1)
             print(f"whole runs: {args.repeats} pairs of `mmtrain train` processes x {steps} steps ({preset})",
                   flush=True)
-            results.append(measure_whole(preset, args.repeats, steps, not args.no_warmup))
+            results.append(measure_whole(preset, args.repeats, steps, not args.no_warmup, args.sample_metrics))
         print("\n| preset | off train s | full train s | off process s | full process s | speed full/off "
               "(median, range) | process full/off | W&B fixed cost s |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -212,9 +217,9 @@ def main() -> int:
                   f"({verdict} the {TARGET} target)")
         return 0
     steps = args.steps or 10
-    print(f"interleaved: {args.rounds} rounds x {steps} steps per arm, log_frequency {args.log_frequency}",
-          flush=True)
-    results = [measure(preset, args.rounds, steps, args.log_frequency) for preset in presets]
+    print(f"interleaved: {args.rounds} rounds x {steps} steps per arm, log_frequency {args.log_frequency}, "
+          f"sample_metrics {args.sample_metrics}", flush=True)
+    results = [measure(preset, args.rounds, steps, args.log_frequency, args.sample_metrics) for preset in presets]
     print(f"\n{'preset':<8} {'on ms/step':>11} {'off ms/step':>12} {'ratio':>7} {'median':>7} {'IQR':>13} {'cpu':>6}")
     for res in results:
         print(f"{res['preset']:<8} {res['on_ms']:>11.2f} {res['off_ms']:>12.2f} {res['ratio']:>7.3f} "

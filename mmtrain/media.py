@@ -85,7 +85,8 @@ class MediaLogger(NullMediaLogger):
     def reconstructions(self, step: int) -> None:
         images = self.batch["pixel_values"]
         # Through the root module's reconstruct(), not its submodules: called directly they would bypass
-        # the root unit's all-gather under FSDP. The image path alone: 3x faster than the whole forward.
+        # the root unit's all-gather under FSDP. The image path alone: 5 against 8.5 ms for the
+        # whole forward (8 laptop images, CPU).
         recon = self._run(lambda: self.model.reconstruct(images))
         if not self.write:
             return

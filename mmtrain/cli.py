@@ -6,6 +6,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mmtrain.config import SECTIONS, help_lines, load_config
 from mmtrain.errors import TrainingError, UserError
@@ -152,8 +153,31 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         trainer.fit()
     finally:
-        trainer.accelerator.end_training()
+        _end_distributed(trainer)
     return 0
+
+
+def _end_distributed(trainer: Any) -> None:
+    """Destroy the process group, and let its C++ object die now, while Python is fully alive.
+
+    ``destroy_process_group`` only unregisters the group: the DDP/FSDP-wrapped model, and the
+    Accelerator's list of prepared objects, still reference it, so its gloo worker threads would live
+    on into interpreter finalization. A worker that releases a finished collective's Python-created
+    tensor there needs the GIL; Python 3.11 ends such a thread with ``pthread_exit``, whose forced
+    unwind through C++ aborts the process ("terminate called without an active exception", SIGABRT,
+    after a complete run: pytorch/pytorch#179291). Seen in CI as a rank exiting -6; a core dump showed
+    ``~AsyncAllreduceWork`` -> ``decref_pyobject`` -> ``take_gil`` -> ``pthread_exit`` on a
+    ``ProcessGroupGloo::runLoop`` thread while the main thread was in ``Py_FinalizeEx``.
+    """
+    import gc
+
+    accelerator = trainer.accelerator
+    accelerator.end_training()
+    accelerator.free_memory()  # the Accelerator's references to the prepared model, optimizer and loaders
+    # And the Trainer's own (model, media, checkpointer, ...): whatever else still holds the Trainer
+    # (a test's spy) must not keep the model, and with it the process group, alive.
+    vars(trainer).clear()
+    gc.collect()
 
 
 def _resolve_device(name: str) -> str:

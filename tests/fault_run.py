@@ -10,6 +10,8 @@ MMTRAIN_KILL="<moment>:<step>[:<rank>]" sends SIGKILL to this process at that mo
 MMTRAIN_NAN="N,M,...[:<rank>]" makes the loss NaN in those optimizer steps (1-based).
 MMTRAIN_PIDFILE=DIR writes DIR/rank<r>.pid, so a test can signal each rank.
 MMTRAIN_OOM="N[:<rank>]" raises torch.OutOfMemoryError in the forward pass of optimizer step N (1-based).
+MMTRAIN_THREADS_AT_EXIT=DIR writes DIR/rank<r>.txt, the names of this process's threads when interpreter
+  shutdown starts (atexit): the process group's threads must be gone by then.
 MMTRAIN_SAMPLES=DIR appends, per trained micro-batch, {"step", "epoch", "samples": [sample key...]} to
   DIR/rank<r>-<pid>.jsonl (a sample's key: a hash of its pixels and caption ids, what the model saw).
 """
@@ -146,6 +148,15 @@ if os.environ.get("MMTRAIN_SAMPLES"):
         return on_micro_batch(self, batch, losses, outputs, *args, **kwargs)
 
     Telemetry.on_micro_batch = record_samples
+
+if os.environ.get("MMTRAIN_THREADS_AT_EXIT"):
+    import atexit
+
+    def _write_threads() -> None:  # registered first, so it runs after every other atexit hook
+        names = [Path(task, "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+        Path(os.environ["MMTRAIN_THREADS_AT_EXIT"], f"rank{RANK}.txt").write_text("\n".join(sorted(names)))
+
+    atexit.register(_write_threads)
 
 if os.environ.get("MMTRAIN_PIDFILE"):
     Path(os.environ["MMTRAIN_PIDFILE"], f"rank{RANK}.pid").write_text(str(os.getpid()))

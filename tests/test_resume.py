@@ -138,12 +138,14 @@ def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float 
 
 
 def test_sigterm_two_processes_saves_at_a_step_boundary_and_exits_0(tmp_path):
-    out, pids = tmp_path / "run", tmp_path / "pids"
+    out, pids, threads = tmp_path / "run", tmp_path / "pids", tmp_path / "threads"
     pids.mkdir()
+    threads.mkdir()
     # Long enough to be signalled mid-run; a NaN loss on rank 1 only, at step 2: both ranks skip it.
     args = [*ARGS, "--train.epochs", "60", "--checkpoint.every_steps", "0", "--wandb.mode", "disabled"]
     cmd = [*LAUNCH_2, str(REPO / "tests" / "fault_run.py"), *args, "--train.output_dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(MMTRAIN_PIDFILE=str(pids), MMTRAIN_NAN="2:1"),
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(MMTRAIN_PIDFILE=str(pids), MMTRAIN_NAN="2:1",
+                                                    MMTRAIN_THREADS_AT_EXIT=str(threads)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_step(out, 4, proc)
@@ -153,6 +155,11 @@ def test_sigterm_two_processes_saves_at_a_step_boundary_and_exits_0(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]  # the launcher: both ranks exited 0
+    for rank in (0, 1):
+        # The gloo group's worker threads were joined before interpreter shutdown: alive there, one that
+        # frees a finished collective's tensor takes the GIL and aborts the process (mmtrain/cli.py).
+        names = (threads / f"rank{rank}.txt").read_text().split()
+        assert not [n for n in names if "gloo" in n], names
     line = next(line for line in stdout.splitlines() if "stopped by a signal" in line)
     stopped = int(line.split("optimizer step ")[1].split(";")[0])
     assert 4 <= stopped < 180

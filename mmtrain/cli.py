@@ -172,7 +172,10 @@ def _end_distributed(trainer: Any) -> None:
     import gc
 
     accelerator = trainer.accelerator
+    distributed = accelerator.num_processes > 1
     accelerator.end_training()
+    if not distributed:  # no process group: the Trainer stays whole for whoever holds it
+        return
     accelerator.free_memory()  # the Accelerator's references to the prepared model, optimizer and loaders
     # And the Trainer's own (model, media, checkpointer, ...): whatever else still holds the Trainer
     # (a test's spy) must not keep the model, and with it the process group, alive.

@@ -16,6 +16,7 @@ MMTRAIN_SAMPLES=DIR appends, per trained micro-batch, {"step", "epoch", "samples
   DIR/rank<r>-<pid>.jsonl (a sample's key: a hash of its pixels and caption ids, what the model saw).
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -153,7 +154,10 @@ if os.environ.get("MMTRAIN_THREADS_AT_EXIT"):
     import atexit
 
     def _write_threads() -> None:  # registered first, so it runs after every other atexit hook
-        names = [Path(task, "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+        names = []
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that ended since the listing
+                names.append(Path(task, "comm").read_text().strip())
         Path(os.environ["MMTRAIN_THREADS_AT_EXIT"], f"rank{RANK}.txt").write_text("\n".join(sorted(names)))
 
     atexit.register(_write_threads)

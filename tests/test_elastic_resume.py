@@ -27,7 +27,7 @@ from mmtrain.checkpoint import Resharding, RNGState, capture_rng, derived_rng_se
 from mmtrain.data import resumed_position
 from mmtrain.errors import CheckpointError
 from mmtrain.resilience import OutOfMemory
-from mmtrain.telemetry import Window, Windows, combine
+from mmtrain.windows import Window, Windows, combine
 
 # tiny: 96 training samples. Every layout below has an effective batch of 32: 3 optimizer steps per
 # epoch, 6 in the run; a checkpoint every 2 steps plus one at each epoch end. One process trains 32

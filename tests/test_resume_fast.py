@@ -24,7 +24,7 @@ from conftest import read_jsonl, reset_accelerate, tiny_config
 
 import mmtrain.checkpoint
 import mmtrain.trainer
-from mmtrain.telemetry import Window
+from mmtrain.windows import Window
 
 # 32 samples in micro-batches of 4 with accumulation 2: 8 micro-batches = 4 optimizer steps per
 # epoch, 8 in the run (so the cosine LR moves at every step). The checkpoint falls at step 2:

@@ -22,7 +22,8 @@ from mmtrain.distributed import gather_named
 from mmtrain.metrics import retrieval_recall, sample_stats
 from mmtrain.model import loss_names
 from mmtrain.optim import optimizer_steps
-from mmtrain.telemetry import RANK_KEYS, Window, combine, hardware_record
+from mmtrain.telemetry import RANK_KEYS, hardware_record
+from mmtrain.windows import Window, combine
 
 # ------------------------------------------------------------------ retrieval: identical captions
 

@@ -102,7 +102,8 @@ def test_step_code_has_no_item_calls():
     import inspect
 
     from mmtrain.resilience import NonFiniteGuard
-    from mmtrain.telemetry import Telemetry, Window, micro_batch_rows, step_row
+    from mmtrain.telemetry import Telemetry
+    from mmtrain.windows import Window, micro_batch_rows, step_row
 
     for fn in (Trainer.train_epoch, Trainer.skip_step_if_nonfinite, Telemetry.on_micro_batch,
                Telemetry.on_optimizer_step, Telemetry.timed, Window.add_rows, Window.add_step_row,

@@ -24,8 +24,8 @@ from mmtrain.metrics import (
     summarize,
     summarize_grads,
 )
-from mmtrain.telemetry import Window, Windows
 from mmtrain.trainer import Trainer
+from mmtrain.windows import Window, Windows
 
 # ----------------------------------------------------------------------------- pure functions
 
